@@ -1,0 +1,1 @@
+"""medrelay.clients: the client engine, the reference CLI and the records gateway."""

@@ -1,0 +1,1 @@
+"""medrelay.clients.cli: the reference command-line client, `medrelay`."""

@@ -1,0 +1,164 @@
+"""The CLI's composition root: the only place that touches the real reactor, the real clock and
+the system random source, and runs the reactor for one command.
+
+Commands talk to an `App` (and the `EngineApi` it opens), never to Twisted directly, so the tests
+drive every command through click's `CliRunner` with a fake app and a fake engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred, maybeDeferred
+
+from medrelay.clients.engine.client import open_engine
+from medrelay.clients.engine.enrollment import enroll
+from medrelay.clients.engine.http import AgentHttpClient
+from medrelay.clients.engine.store import ProfileInfo, ThreadRunner, read_public_info
+from medrelay.clients.engine.views import (
+    DeviceView,
+    Event,
+    MessageView,
+    NoticeView,
+    OutgoingFile,
+    SavedAttachment,
+    SentMessage,
+    Whoami,
+)
+from medrelay.crypto.rng import system_rng
+
+_T = TypeVar("_T")
+
+
+class Interrupted(Exception):
+    """The reactor stopped before the command finished (Ctrl-C)."""
+
+
+class EngineApi(Protocol):
+    """What the commands use of `medrelay.clients.engine.client.Engine`."""
+
+    def whoami(self) -> Whoami: ...
+
+    def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]: ...
+
+    def start(self) -> None: ...
+
+    def connect(self) -> Deferred[None]: ...
+
+    def sync(self, settle_s: float = ...) -> Deferred[None]: ...
+
+    def send_message(
+        self, to_user: str, text: str, files: Sequence[OutgoingFile] = ()
+    ) -> Deferred[SentMessage]: ...
+
+    def unread(self, *, mark_read: bool = True) -> Deferred[list[MessageView | NoticeView]]: ...
+
+    def devices(self) -> Deferred[list[DeviceView]]: ...
+
+    def safety_number(self, user_id: str) -> Deferred[str]: ...
+
+    def attachments(self, message_id: bytes) -> Deferred[list[SavedAttachment]]: ...
+
+    def close(self) -> Deferred[None]: ...
+
+
+class App(Protocol):
+    def run(self, main: Callable[[], Deferred[_T]]) -> _T:
+        """Run `main` to completion (the reactor, in the real app); raise what it raised, or
+        `Interrupted`."""
+        ...
+
+    def open_engine(self, profile_dir: Path, passphrase: str) -> Deferred[EngineApi]: ...
+
+    def read_info(self, profile_dir: Path) -> Deferred[ProfileInfo]: ...
+
+    def enroll(
+        self, profile_dir: Path, passphrase: str, server_url: str, username: str, code: str
+    ) -> Deferred[ProfileInfo]: ...
+
+    def timeout(self, d: Deferred[_T], seconds: float) -> Deferred[_T]:
+        """`d`, cancelled if it has not fired after `seconds`."""
+        ...
+
+
+class RealApp:
+    """The production app: the global reactor (imported only when a command runs)."""
+
+    def __init__(self) -> None:
+        from twisted.internet import reactor  # noqa: PLC0415 (composition root, at run time)
+
+        self._reactor: Any = reactor
+        self._runner: ThreadRunner | None = None
+
+    def _thread_runner(self) -> ThreadRunner:
+        if self._runner is None:
+            self._runner = ThreadRunner(self._reactor)
+            self._reactor.addSystemEventTrigger("after", "shutdown", self._runner.stop)
+        return self._runner
+
+    def timeout(self, d: Deferred[_T], seconds: float) -> Deferred[_T]:
+        return d.addTimeout(seconds, self._reactor)
+
+    def run(self, main: Callable[[], Deferred[_T]]) -> _T:
+        reactor = self._reactor
+        outcome: list[object] = []
+
+        def start() -> None:
+            d = maybeDeferred(main)
+
+            def finished(result: object) -> None:
+                outcome.append(result)
+                if reactor.running:
+                    reactor.stop()
+
+            d.addBoth(finished)
+
+        reactor.callWhenRunning(start)
+        reactor.run()
+        if not outcome:
+            raise Interrupted()
+        result = outcome[0]
+        from twisted.python.failure import Failure  # noqa: PLC0415
+
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result  # type: ignore[return-value]
+
+    def open_engine(self, profile_dir: Path, passphrase: str) -> Deferred[EngineApi]:
+        reactor = self._reactor
+
+        def opened(engine: Any) -> EngineApi:
+            # On Ctrl-C the reactor stops: close the profile and the connection first.
+            reactor.addSystemEventTrigger("before", "shutdown", engine.close)
+            return engine  # type: ignore[no-any-return]
+
+        d = open_engine(
+            profile_dir,
+            passphrase,
+            reactor=reactor,
+            clock=reactor,
+            rng=system_rng,
+            runner=self._thread_runner(),
+        )
+        return d.addCallback(opened)
+
+    def read_info(self, profile_dir: Path) -> Deferred[ProfileInfo]:
+        return read_public_info(profile_dir, runner=self._thread_runner())
+
+    def enroll(
+        self, profile_dir: Path, passphrase: str, server_url: str, username: str, code: str
+    ) -> Deferred[ProfileInfo]:
+        reactor = self._reactor
+        return enroll(
+            profile_dir=profile_dir,
+            passphrase=passphrase,
+            server_url=server_url,
+            username=username,
+            code=code,
+            http=AgentHttpClient(reactor, reactor),
+            clock=reactor,
+            rng=system_rng,
+            runner=self._thread_runner(),
+        )

@@ -1,0 +1,456 @@
+"""`medrelay`, the reference command-line client.
+
+Every command takes `--profile DIR` (default: the platform's user data directory,
+`medrelay/profiles/default`; also `MEDRELAY_PROFILE`) and `--json`. The passphrase that unlocks
+the profile comes from `MEDRELAY_PASSPHRASE` or a hidden prompt (asked twice when enrolling).
+
+Errors are one line on stderr (`medrelay: ...`, or a JSON object `{"error": {"code",
+"message"}}` with `--json`) and a non-zero exit status: 1 for a refused or failed operation,
+2 for a usage error, 130 when interrupted. Never a traceback (set `MEDRELAY_DEBUG=1` to see one).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, NoReturn, TypeVar
+
+import click
+import platformdirs
+from twisted.internet import defer
+from twisted.internet import error as internet_error
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
+
+from medrelay.clients.cli import output
+from medrelay.clients.cli.app import App, EngineApi, Interrupted, RealApp
+from medrelay.clients.engine.errors import ClientError, LocalCode
+from medrelay.clients.engine.views import (
+    ConnectionStatus,
+    Event,
+    MessageView,
+    NoticeView,
+    OutgoingFile,
+    SavedAttachment,
+    Whoami,
+)
+
+PASSPHRASE_ENV: Final = "MEDRELAY_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
+PROFILE_ENV: Final = "MEDRELAY_PROFILE"
+DEBUG_ENV: Final = "MEDRELAY_DEBUG"
+SEND_TIMEOUT_S: Final = 60.0
+EXIT_FAILED: Final = 1
+EXIT_INTERRUPTED: Final = 130
+
+_T = TypeVar("_T")
+
+
+def default_profile() -> Path:
+    return platformdirs.user_data_path("medrelay", appauthor=False) / "profiles" / "default"
+
+
+# --- plumbing ---------------------------------------------------------------------------------
+
+
+class Options:
+    """The options every command shares, and the app they run in."""
+
+    def __init__(self, app: App, profile: Path | None, json_mode: bool) -> None:
+        self.app = app
+        self.profile = profile if profile is not None else default_profile()
+        self.json = json_mode
+
+    def fail(self, code: str, message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
+        if self.json:
+            click.echo(output.dumps({"error": {"code": code, "message": message}}), err=True)
+        else:
+            click.echo(f"medrelay: {message}", err=True)
+        sys.exit(exit_code)
+
+    def emit(self, value: object, text: str) -> None:
+        click.echo(output.dumps(value) if self.json else text)
+
+    def run(self, main: Callable[[], Deferred[_T]]) -> _T:
+        """Run `main` in the app, turning every failure into one line and an exit status."""
+        try:
+            return self.app.run(main)
+        except ClientError as exc:
+            self.fail(exc.code.value, exc.message)
+        except Interrupted:
+            self.fail("interrupted", "interrupted", EXIT_INTERRUPTED)
+        except Exception as exc:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            self.fail("internal_error", f"internal error ({type(exc).__name__}): {exc}")
+
+    def with_engine(
+        self, use: Callable[[EngineApi], Deferred[_T]], *, passphrase: str | None = None
+    ) -> _T:
+        """Unlock the profile, run `use(engine)`, and close the engine whatever happens."""
+        secret = passphrase if passphrase is not None else read_passphrase(confirm=False)
+        app = self.app
+        profile = self.profile
+
+        async def main() -> _T:
+            engine = await app.open_engine(profile, secret)
+            try:
+                result = await use(engine)
+            except GeneratorExit:
+                # Abandoned after Ctrl-C stopped the reactor: the app's shutdown trigger
+                # closes the engine; awaiting here would be ignored anyway.
+                raise
+            except BaseException:
+                await engine.close()
+                raise
+            await engine.close()
+            return result
+
+        return self.run(lambda: Deferred.fromCoroutine(main()))
+
+
+def read_passphrase(*, confirm: bool) -> str:
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value is not None:
+        return value
+    prompted: str = click.prompt(
+        "Passphrase" if not confirm else "New passphrase for this profile",
+        hide_input=True,
+        confirmation_prompt=confirm,
+        err=True,
+    )
+    return prompted
+
+
+def common(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add `--profile` and `--json` to a command."""
+    command = click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")(
+        command
+    )
+    return click.option(
+        "--profile",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar=PROFILE_ENV,
+        default=None,
+        help="Profile directory (default: the user data directory, medrelay/profiles/default).",
+    )(command)
+
+
+def _options(ctx: click.Context, profile: Path | None, json_mode: bool) -> Options:
+    app = ctx.obj if ctx.obj is not None else RealApp()
+    return Options(app, profile, json_mode)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """medrelay: end-to-end encrypted messages between a clinic's doctors, nurses and patients.
+
+    Enroll once with the code the clinic gave you, then send, read and listen. Your keys stay
+    on this device, sealed by your passphrase.
+    """
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("server_url")
+@click.argument("username")
+@click.argument("code")
+@common
+@click.pass_context
+def enroll(
+    ctx: click.Context,
+    *,
+    server_url: str,
+    username: str,
+    code: str,
+    profile: Path | None,
+    json_mode: bool,
+) -> None:
+    """Enroll this device as USERNAME with the one-time CODE from the clinic.
+
+    SERVER_URL is the relay's address, like http://127.0.0.1:8448. The keys are generated here
+    and sealed with a new passphrase; only public keys leave this device.
+    """
+    options = _options(ctx, profile, json_mode)
+    passphrase = read_passphrase(confirm=True)
+    if not passphrase:
+        options.fail(LocalCode.INVALID_ARGUMENT, "an empty passphrase would leave your keys open")
+    app = options.app
+    info = options.run(lambda: app.enroll(options.profile, passphrase, server_url, username, code))
+    options.emit(
+        {
+            "user": info.user_id,
+            "device": info.device_id,
+            "clinic": info.clinic_id,
+            "server": info.server_url,
+            "profile": str(options.profile),
+        },
+        f"enrolled {info.user_id} (device {info.device_id}) at clinic {info.clinic_id}\n"
+        f"profile: {options.profile}",
+    )
+
+
+def _read_files(options: Options, paths: Sequence[Path]) -> list[OutgoingFile]:
+    files = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            options.fail(LocalCode.INVALID_ARGUMENT, f"cannot read {path}: {exc.strerror}")
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        files.append(OutgoingFile(path.name, media_type, data))
+    return files
+
+
+@cli.command()
+@click.argument("username")
+@click.argument("text")
+@click.option(
+    "--file",
+    "file_paths",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Attach a file (encrypted before upload). May be given several times.",
+)
+@common
+@click.pass_context
+def send(
+    ctx: click.Context,
+    *,
+    username: str,
+    text: str,
+    file_paths: tuple[Path, ...],
+    profile: Path | None,
+    json_mode: bool,
+) -> None:
+    """Send TEXT (use - to read it from standard input) to USERNAME.
+
+    The message goes to every device of USERNAME and to your other devices. It is stored
+    locally before it is sent, and resent on the next connection if the relay's confirmation
+    does not arrive.
+    """
+    options = _options(ctx, profile, json_mode)
+    if text == "-":
+        text = sys.stdin.read()
+    files = _read_files(options, file_paths)
+    app = options.app
+
+    def use(engine: EngineApi) -> Deferred[Any]:
+        d = app_timeout(app, engine.send_message(username, text, files), SEND_TIMEOUT_S)
+        return d
+
+    sent = options.with_engine(use)
+    options.emit(output.sent_json(sent), output.sent_line(sent))
+
+
+def app_timeout(app: App, d: Deferred[_T], seconds: float) -> Deferred[_T]:
+    """`d`, failed with NOT_SENT if it has not fired after `seconds` (the message stays queued)."""
+
+    def timed_out(failure: Any) -> Any:
+        if failure.check(CancelledError, defer.TimeoutError, internet_error.TimeoutError):
+            raise ClientError(
+                LocalCode.NOT_SENT,
+                f"the relay did not confirm the message within {seconds:.0f} s; once queued, "
+                "a message is resent the next time this profile connects",
+            )
+        return failure
+
+    return app.timeout(d, seconds).addErrback(timed_out)
+
+
+@cli.command()
+@common
+@click.pass_context
+def inbox(ctx: click.Context, profile: Path | None, json_mode: bool) -> None:
+    """Fetch what the relay holds for this device, then print the new messages.
+
+    Each message is stored (sealed) before the relay is told it may delete it. Messages that
+    could not be decrypted or verified are reported, never shown as messages.
+    """
+    options = _options(ctx, profile, json_mode)
+
+    async def use(engine: EngineApi) -> list[MessageView | NoticeView]:
+        await engine.sync()
+        return await engine.unread()
+
+    items = options.with_engine(lambda engine: Deferred.fromCoroutine(use(engine)))
+    if options.json:
+        click.echo(output.dumps([output.item_json(item) for item in items]))
+    elif not items:
+        click.echo("no new messages")
+    else:
+        for item in items:
+            click.echo(output.item_line(item))
+
+
+@cli.command()
+@common
+@click.pass_context
+def listen(ctx: click.Context, profile: Path | None, json_mode: bool) -> None:
+    """Stay connected and print messages as they arrive (Ctrl-C to stop).
+
+    With --json, one JSON object per line. The connection is re-established after a loss.
+    """
+    options = _options(ctx, profile, json_mode)
+
+    async def use(engine: EngineApi) -> None:
+        stopped: Deferred[None] = Deferred()
+        lock = DeferredLock()
+
+        async def show() -> None:
+            for item in await engine.unread():
+                if options.json:
+                    click.echo(output.dumps(output.item_json(item)))
+                else:
+                    click.echo(output.item_line(item))
+                sys.stdout.flush()
+
+        def show_later() -> None:
+            lock.run(lambda: Deferred.fromCoroutine(show())).addErrback(
+                lambda f: None if stopped.called else stopped.errback(f)
+            )
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, ConnectionStatus):
+                _status(event)
+                fatal = not event.connected and event.retry_in_s is None and event.detail
+                if fatal and not stopped.called:
+                    stopped.errback(ClientError(LocalCode.CONNECTION_LOST, event.detail))
+            else:
+                show_later()
+
+        engine.subscribe(on_event)
+        show_later()
+        engine.start()
+        await stopped
+
+    try:
+        options.with_engine(lambda engine: Deferred.fromCoroutine(use(engine)))
+    except SystemExit as exit_:
+        if exit_.code == EXIT_INTERRUPTED:
+            sys.exit(0)  # Ctrl-C is how listening ends
+        raise
+
+
+def _status(event: ConnectionStatus) -> None:
+    if event.connected:
+        click.echo("medrelay: connected", err=True)
+    elif event.retry_in_s is not None:
+        detail = f"{event.detail}; " if event.detail else ""
+        click.echo(f"medrelay: {detail}reconnecting in {event.retry_in_s:.1f} s", err=True)
+
+
+@cli.command()
+@common
+@click.pass_context
+def devices(ctx: click.Context, profile: Path | None, json_mode: bool) -> None:
+    """List this account's devices (each verified against the clinic's certificates)."""
+    options = _options(ctx, profile, json_mode)
+    listed = options.with_engine(lambda engine: engine.devices())
+    options.emit(output.devices_json(listed), output.devices_lines(listed))
+
+
+@cli.command("safety-number")
+@click.argument("username")
+@common
+@click.pass_context
+def safety_number(ctx: click.Context, username: str, profile: Path | None, json_mode: bool) -> None:
+    """Show the safety number between you and USERNAME (60 digits in 12 groups).
+
+    Both of you see the same number; compare it in person to be sure nobody stands between you.
+    """
+    options = _options(ctx, profile, json_mode)
+    number = options.with_engine(lambda engine: engine.safety_number(username))
+    options.emit(output.safety_json(username, number), output.safety_lines(username, number))
+
+
+@cli.group()
+def attachment() -> None:
+    """Work with the attachments of received messages."""
+
+
+@attachment.command("save")
+@click.argument("message_id")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Directory to write the files to.",
+)
+@common
+@click.pass_context
+def attachment_save(
+    ctx: click.Context, message_id: str, out_dir: Path, profile: Path | None, json_mode: bool
+) -> None:
+    """Download, verify and decrypt the attachments of MESSAGE_ID (hex, as `inbox` shows it)."""
+    options = _options(ctx, profile, json_mode)
+    try:
+        raw_id = bytes.fromhex(message_id)
+    except ValueError:
+        raw_id = b""
+    if len(raw_id) != 16:
+        options.fail(LocalCode.INVALID_ARGUMENT, "a message id is 32 hexadecimal digits")
+    attachments = options.with_engine(lambda engine: engine.attachments(raw_id))
+    saved = [(a, str(_write_attachment(options, out_dir, a, i))) for i, a in enumerate(attachments)]
+    options.emit(output.saved_json(saved), output.saved_lines(saved))
+
+
+def safe_file_name(name: str, index: int) -> str:
+    """A name a peer chose, made harmless: no directories, no control characters, not hidden."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable()).strip().lstrip(".")
+    return base[:200] or f"attachment-{index}"
+
+
+def _write_attachment(options: Options, out_dir: Path, item: SavedAttachment, index: int) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        options.fail(LocalCode.INVALID_ARGUMENT, f"cannot create {out_dir}: {exc.strerror}")
+    name = safe_file_name(item.file_name, index)
+    stem, dot, suffix = name.rpartition(".")
+    if not stem:
+        stem, dot, suffix = name, "", ""
+    for n in range(1000):
+        candidate = out_dir / (name if n == 0 else f"{stem} ({n}){dot}{suffix}")
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            options.fail(LocalCode.INVALID_ARGUMENT, f"cannot write {candidate}: {exc.strerror}")
+        with os.fdopen(fd, "wb") as f:
+            f.write(item.data)
+        return candidate
+    options.fail(LocalCode.INVALID_ARGUMENT, f"too many files named {name} in {out_dir}")
+
+
+@cli.command()
+@common
+@click.pass_context
+def whoami(ctx: click.Context, profile: Path | None, json_mode: bool) -> None:
+    """Show who this profile is: user, device, clinic and server (no passphrase needed)."""
+    options = _options(ctx, profile, json_mode)
+    app = options.app
+    info = options.run(lambda: app.read_info(options.profile))
+    cert = info.user_certificate
+    who = Whoami(
+        user_id=info.user_id,
+        device_id=info.device_id,
+        display_name=cert.display_name,
+        role=cert.role.value,
+        clinic_id=info.clinic_id,
+        server_url=info.server_url,
+        enrolled_at_ms=info.enrolled_at_ms,
+    )
+    options.emit(output.whoami_json(who), output.whoami_lines(who))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="medrelay")

@@ -1,0 +1,368 @@
+"""The engine's facade: one open profile, its relay connection and everything a front end needs
+(`Engine`), and the factory that assembles it (`open_engine`).
+
+A front end (the CLI, the records gateway, an integration test) calls `open_engine` with the
+profile directory, the passphrase, the reactor, the clock and the random source, then uses the
+`Engine` methods, each returning a Deferred, and finally `close()`. Nothing here prints or
+prompts. Events (messages as they arrive, failure and expiry notices, connection changes) go to
+the listeners registered with `subscribe`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from medrelay.clients.engine.connection import (
+    Connector,
+    Credentials,
+    Dialer,
+    ServerConnection,
+)
+from medrelay.clients.engine.enrollment import now_ms
+from medrelay.clients.engine.errors import ClientError, LocalCode
+from medrelay.clients.engine.http import AgentHttpClient, HttpClient, parse_server_url
+from medrelay.clients.engine.messaging import (
+    Directory,
+    Messenger,
+    PrekeyKeeper,
+    Receiver,
+    notice_view,
+    view_of_stored,
+)
+from medrelay.clients.engine.store import (
+    OpenProfile,
+    Runner,
+    StoredMessage,
+    StoredNotice,
+    ThreadRunner,
+    clear_token_txn,
+    find_messages_txn,
+    get_token_txn,
+    list_messages_txn,
+    list_notices_txn,
+    mark_messages_read_txn,
+    mark_notices_read_txn,
+    open_profile,
+    set_token_txn,
+)
+from medrelay.clients.engine.views import (
+    ConnectionStatus,
+    DeviceView,
+    Event,
+    MessageView,
+    NoticeView,
+    OutgoingFile,
+    SavedAttachment,
+    SentMessage,
+    Whoami,
+)
+from medrelay.clients.engine.websocket import WebSocketDialer
+from medrelay.crypto.content import SignedContent
+from medrelay.crypto.rng import Rng
+from medrelay.crypto.safety import safety_number
+from medrelay.protocol.messages import Deliver, PrekeysLow
+
+SETTLE_S: Final = 0.5
+"""How long `sync` waits for further deliveries after the queue looked drained."""
+
+_log = Logger()
+
+
+class Engine:
+    """One open profile and its relay connection."""
+
+    def __init__(
+        self,
+        profile: OpenProfile,
+        *,
+        dialer: Dialer,
+        http: HttpClient,
+        clock: IReactorTime,
+        rng: Rng,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        info = profile.info
+        self.profile = profile
+        self.server = parse_server_url(info.server_url)
+        self._clock = clock
+        self._rng = rng
+        self._on_close = on_close
+        self._listeners: list[Callable[[Event], None]] = []
+        self._closed = False
+        self.connector = Connector(
+            dialer=dialer,
+            credentials=Credentials(
+                info.clinic_id, info.user_id, info.device_id, profile.secrets.device.signing_key
+            ),
+            tokens=self,
+            events=self,
+            clock=clock,
+            rng=rng,
+        )
+        self.directory = Directory(profile, self.connector, clock)
+        self.messenger = Messenger(
+            profile,
+            self.connector,
+            self.directory,
+            http,
+            self.server,
+            clock=clock,
+            rng=rng,
+            tokens=self.load_token,
+        )
+        self.receiver = Receiver(profile, self.directory, clock=clock, rng=rng, notify=self._notify)
+        self.prekeys = PrekeyKeeper(profile, rng=rng)
+
+    # -- facts -----------------------------------------------------------------------------
+
+    @property
+    def user_id(self) -> str:
+        return self.profile.info.user_id
+
+    @property
+    def device_id(self) -> str:
+        return self.profile.info.device_id
+
+    def whoami(self) -> Whoami:
+        info = self.profile.info
+        cert = info.user_certificate
+        return Whoami(
+            user_id=info.user_id,
+            device_id=info.device_id,
+            display_name=cert.display_name,
+            role=cert.role.value,
+            clinic_id=info.clinic_id,
+            server_url=info.server_url,
+            enrolled_at_ms=info.enrolled_at_ms,
+        )
+
+    # -- events ----------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call `listener` for every event; returns the function that unsubscribes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _notify(self, event: Event) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                _log.failure("an event listener failed")
+
+    # -- connection ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background and stay connected (reconnecting) until `close`."""
+        self.connector.start()
+
+    def connect(self) -> Deferred[None]:
+        """Connect and log in; fails on the first failed attempt (SERVER_UNREACHABLE...)."""
+        return self.connector.when_ready(fail_fast=True).addCallback(lambda _: None)
+
+    def sync(self, settle_s: float = SETTLE_S) -> Deferred[None]:
+        """Connect, then wait until the relay's queue for this device looks drained: every
+        delivered batch handled, the outbox flushed, a round trip answered and nothing new for
+        `settle_s` seconds. (Protocol v1 has no explicit "queue empty" signal.)"""
+        return Deferred.fromCoroutine(self._sync(settle_s))
+
+    async def _sync(self, settle_s: float) -> None:
+        await self.connector.when_ready(fail_fast=True)
+        while True:
+            mark = self.receiver.batches_received
+            await self.receiver.idle()
+            await self.messenger.idle()
+            await self.directory.user(self.user_id, refresh=True)
+            await self.receiver.idle()
+            await deferLater(self._clock, settle_s)
+            await self.receiver.idle()
+            await self.messenger.idle()
+            if self.receiver.batches_received == mark:
+                return
+
+    # TokenStore
+
+    def load_token(self) -> Deferred[bytes | None]:
+        return self.profile.db.run_interaction(
+            "load_token", get_token_txn, self.profile.sealer, now_ms(self._clock)
+        )
+
+    def save_token(self, token: bytes, expires_ms: int) -> Deferred[None]:
+        return self.profile.db.run_interaction(
+            "save_token", set_token_txn, self.profile.sealer, token, expires_ms
+        )
+
+    def clear_token(self) -> Deferred[None]:
+        return self.profile.db.run_interaction("clear_token", clear_token_txn)
+
+    # ConnectorEvents
+
+    def connection_ready(self, connection: ServerConnection) -> None:
+        self._notify(ConnectionStatus(connected=True))
+        self.messenger.kick()
+
+    def deliver(self, connection: ServerConnection, message: Deliver) -> None:
+        self.receiver.on_deliver(connection, message.items)
+
+    def prekeys_low(self, connection: ServerConnection, message: PrekeysLow) -> None:
+        self.prekeys.on_prekeys_low(connection, message.wanted)
+
+    def connection_down(self, error: ClientError | None, *, retry_in_s: float | None) -> None:
+        detail = "" if error is None else error.message
+        self._notify(ConnectionStatus(connected=False, detail=detail, retry_in_s=retry_in_s))
+
+    # -- messages --------------------------------------------------------------------------
+
+    def send_message(
+        self, to_user: str, text: str, files: Sequence[OutgoingFile] = ()
+    ) -> Deferred[SentMessage]:
+        """Encrypt, persist and send; fires with the relay's confirmation. A refusal fails with
+        a `RemoteError` (`unknown_user`, `forbidden`, `queue_full`...)."""
+        return Deferred.fromCoroutine(self.messenger.send(to_user, text, files))
+
+    def unread(self, *, mark_read: bool = True) -> Deferred[list[MessageView | NoticeView]]:
+        """Messages and notices not shown before (then marked as shown), oldest first."""
+        return self.profile.db.run_interaction("unread", self._unread_txn, mark_read)
+
+    def _unread_txn(
+        self, conn: sqlite3.Connection, mark_read: bool
+    ) -> list[MessageView | NoticeView]:
+        messages = list_messages_txn(conn, self.profile.sealer, unread_only=True)
+        notices = list_notices_txn(conn, unread_only=True)
+        if mark_read:
+            mark_messages_read_txn(conn, [m.row_id for m in messages])
+            mark_notices_read_txn(conn, [n.row_id for n in notices])
+        return _merge(messages, notices)
+
+    def history(self, limit: int = 50) -> Deferred[list[MessageView]]:
+        """The last `limit` messages, oldest first."""
+
+        def load(conn: sqlite3.Connection) -> list[MessageView]:
+            stored = list_messages_txn(conn, self.profile.sealer, unread_only=False, limit=limit)
+            return [view_of_stored(m) for m in stored]
+
+        return self.profile.db.run_interaction("history", load)
+
+    def attachments(self, message_id: bytes) -> Deferred[list[SavedAttachment]]:
+        """Download, check and decrypt every attachment of a stored message."""
+        return Deferred.fromCoroutine(self._attachments(message_id))
+
+    async def _attachments(self, message_id: bytes) -> list[SavedAttachment]:
+        found = await self.profile.db.run_interaction(
+            "find_message", find_messages_txn, self.profile.sealer, message_id
+        )
+        if not found:
+            raise ClientError(LocalCode.NOT_FOUND, f"no message {message_id.hex()} in this profile")
+        content = SignedContent.decode(found[0].signed_content).content
+        if not content.attachments:
+            raise ClientError(LocalCode.NOT_FOUND, "that message has no attachments")
+        saved = []
+        for descriptor in content.attachments:
+            data = await self.messenger.download(descriptor)
+            saved.append(SavedAttachment(descriptor.file_name, descriptor.media_type, data))
+        return saved
+
+    # -- identities ------------------------------------------------------------------------
+
+    def devices(self) -> Deferred[list[DeviceView]]:
+        """This account's devices as the relay lists them, each verified."""
+        return Deferred.fromCoroutine(self._devices())
+
+    async def _devices(self) -> list[DeviceView]:
+        own = await self.directory.user(self.user_id, refresh=True)
+        return [
+            DeviceView(device_id, own.created_at_ms[device_id], device_id == self.device_id)
+            for device_id in sorted(own.devices)
+        ]
+
+    def safety_number(self, user_id: str) -> Deferred[str]:
+        """The 60-digit safety number between this user and `user_id` (verified identity)."""
+        return Deferred.fromCoroutine(self._safety_number(user_id))
+
+    async def _safety_number(self, user_id: str) -> str:
+        peer = await self.directory.user(user_id, refresh=True)
+        info = self.profile.info
+        return safety_number(
+            info.user_certificate.identity_key,
+            info.user_id,
+            peer.certificate.identity_key,
+            user_id,
+        )
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def close(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._close())
+
+    async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.connector.stop()
+        self.messenger.fail_waiters(ClientError(LocalCode.CLOSED, "the client closed"))
+        await self.receiver.idle()
+        await self.profile.db.close()
+        if self._on_close is not None:
+            self._on_close()
+
+
+def _merge(
+    messages: Sequence[StoredMessage], notices: Sequence[StoredNotice]
+) -> list[MessageView | NoticeView]:
+    timed: list[tuple[int, int, MessageView | NoticeView]] = []
+    for m in messages:
+        timed.append((m.stored_ms, 0, view_of_stored(m)))
+    for n in notices:
+        timed.append((n.recorded_ms, 1, notice_view(n)))
+    timed.sort(key=lambda entry: (entry[0], entry[1]))
+    return [view for _, _, view in timed]
+
+
+def open_engine(
+    profile_dir: Path,
+    passphrase: str,
+    *,
+    reactor: Any,
+    clock: IReactorTime,
+    rng: Rng,
+    runner: Runner | None = None,
+    http: HttpClient | None = None,
+    dialer: Dialer | None = None,
+) -> Deferred[Engine]:
+    """Unlock the profile in `profile_dir` and assemble its engine (not yet connected).
+
+    Without `runner`, database work and Argon2id run on a private one-thread pool, stopped by
+    `Engine.close`; `http` and `dialer` default to the real Agent and WebSocket ones.
+    """
+    own_runner: ThreadRunner | None = None
+    if runner is None:
+        own_runner = ThreadRunner(reactor)
+        runner = own_runner
+
+    def opened(profile: OpenProfile) -> Engine:
+        server = parse_server_url(profile.info.server_url)
+        return Engine(
+            profile,
+            dialer=dialer if dialer is not None else WebSocketDialer(reactor, server),
+            http=http if http is not None else AgentHttpClient(reactor, clock),
+            clock=clock,
+            rng=rng,
+            on_close=None if own_runner is None else own_runner.stop,
+        )
+
+    def failed(failure: Failure) -> Failure:
+        if own_runner is not None:
+            own_runner.stop()
+        return failure
+
+    d = open_profile(profile_dir, passphrase, runner=runner, rng=rng)
+    return d.addCallbacks(opened, failed)

@@ -1,0 +1,1140 @@
+"""Messaging: verified peers, sending through a durable outbox, receiving, prekey top-up.
+
+Directory. A peer's keys are used only after its whole chain verified: the clinic root key pinned
+at enrollment → the issuing-key certificate → the user certificate → each device certificate
+(`verify_device_chain`). Lists come from `devices_get` or `bundle_get`; the certificates are
+cached in the profile and verified again whenever they are loaded. A user whose list does not
+verify is refused whole: a relay that forges one device of a user is attacking.
+
+Sending. `Content` (thread of the last message exchanged with that user, `previous_hash` = hash of
+our previous content in the thread) → `sign_content` → `encrypt_for_devices` for every device of
+the recipient and our own other devices (bundles fetched for devices without a session) → a
+`send` frame with a fresh 16-byte message id. The sealed message, the session changes and the
+outbox row (the frame's body) commit in one transaction before anything is sent; the outbox is
+flushed on every new connection and resends identical envelopes until `sent` arrives (the relay
+is idempotent on the message id). `stale_devices` refreshes the device lists, keeps the envelopes
+of devices still current, encrypts for the new ones and resends under the same id.
+
+Receiving. Items of a `deliver` are handled one at a time, in order: deduplicated by (sender
+user, sender device, message id); the sender's device resolved and verified (fetched when
+unknown); decrypted, decoded, its signature verified, its message id and recipients checked; the
+message stored (sealed) — and only then acknowledged, in one `ack` per batch. An item that cannot
+be decrypted or verified is recorded as a failure notice (never shown as a message) and
+acknowledged. A transient failure (the connection broke, a lookup timed out) stops the batch
+without acknowledging the rest and drops the connection, so the relay delivers them again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, TypeVar
+from urllib.parse import quote
+
+from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from medrelay.clients.engine.connection import Connector, ServerConnection, expect
+from medrelay.clients.engine.enrollment import b64url, now_ms
+from medrelay.clients.engine.errors import ClientError, LocalCode, RemoteError
+from medrelay.clients.engine.http import HttpClient, ServerUrl, json_answer
+from medrelay.clients.engine.store import (
+    NOTICE_EXPIRED,
+    NOTICE_FAILED,
+    STATUS_FAILED,
+    STATUS_RECEIVED,
+    STATUS_SENDING,
+    STATUS_SENT,
+    OpenProfile,
+    OutboxEntry,
+    SqlSessionStore,
+    StoredMessage,
+    StoredNotice,
+    allocate_one_time_prekey_ids_txn,
+    delete_outbox_txn,
+    get_conversation_txn,
+    get_message_txn,
+    get_thread_head_txn,
+    insert_message_txn,
+    insert_notice_txn,
+    item_seen_txn,
+    list_outbox_txn,
+    load_peer_txn,
+    load_prekeys_txn,
+    note_outbox_attempt_txn,
+    put_outbox_txn,
+    save_peer_txn,
+    save_prekeys_txn,
+    set_conversation_txn,
+    set_message_status_txn,
+    set_thread_head_txn,
+)
+from medrelay.clients.engine.views import (
+    AttachmentView,
+    Event,
+    MessageView,
+    NoticeView,
+    OutgoingFile,
+    SentMessage,
+)
+from medrelay.crypto.attachments import (
+    MAX_BLOB_ID_BYTES,
+    AttachmentDescriptor,
+    decrypt_attachment,
+    encrypt_attachment,
+    encrypted_size,
+)
+from medrelay.crypto.certificates import (
+    DeviceCertificate,
+    UserCertificate,
+    verify_device_chain,
+)
+from medrelay.crypto.content import (
+    KIND_TEXT,
+    MAX_ATTACHMENTS,
+    MAX_TEXT_BYTES,
+    Content,
+    SignedContent,
+    content_hash,
+    new_message_id,
+    new_thread_id,
+    sign_content,
+    verify_signed_content,
+)
+from medrelay.crypto.errors import CryptoError
+from medrelay.crypto.identity import DeviceAddress, DeviceIdentity, check_id
+from medrelay.crypto.keys import DHPrivateKey
+from medrelay.crypto.rng import Rng
+from medrelay.crypto.sessions import (
+    MAX_ONE_TIME_PREKEYS,
+    InMemoryPrekeyStore,
+    MissingPrekeyBundle,
+    decrypt_from_device,
+    encrypt_for_devices,
+)
+from medrelay.crypto.x3dh import (
+    OneTimePrekey,
+    PrekeyBundle,
+    SignedPrekey,
+    generate_one_time_prekeys,
+)
+from medrelay.protocol.errors import ErrorCode
+from medrelay.protocol.limits import MAX_ONE_TIME_PREKEYS_PER_UPLOAD
+from medrelay.protocol.messages import (
+    Ack,
+    Bundle,
+    DeliveredItem,
+    DeviceList,
+    DevicesGet,
+    Direction,
+    ItemKind,
+    OutboundEnvelope,
+    PrekeysPut,
+    PrekeysStored,
+    Send,
+    Sent,
+    decode_body,
+    encode_body,
+)
+from medrelay.protocol.messages import BundleGet as BundleGetMessage
+
+MAX_STALE_RETRIES: Final = 3
+MAX_BUNDLE_ROUNDS: Final = 3
+MAX_BLOB_SIZE: Final = 25 * 1024 * 1024
+BLOBS_PATH: Final = "/v1/blobs"
+
+# A refusal that retrying cannot fix: the message is marked failed and leaves the outbox.
+_TERMINAL_SEND_CODES: Final = frozenset(
+    {
+        ErrorCode.UNKNOWN_USER,
+        ErrorCode.FORBIDDEN,
+        ErrorCode.QUEUE_FULL,
+        ErrorCode.ID_CONFLICT,
+        ErrorCode.INVALID_FIELD,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        ErrorCode.MALFORMED_FRAME,
+        ErrorCode.NON_CANONICAL,
+        ErrorCode.UNKNOWN_TYPE,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.STALE_DEVICES,
+    }
+)
+# Failures of the sender's verification that make an item permanently unreadable.
+_PERMANENT_LOOKUP_CODES: Final = frozenset(
+    {LocalCode.PEER_UNVERIFIED, ErrorCode.UNKNOWN_USER, LocalCode.BAD_SERVER_ANSWER}
+)
+
+_log = Logger()
+_T = TypeVar("_T")
+
+Notify = Callable[[Event], None]
+
+
+# --- the directory ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PeerUser:
+    """A user whose certificate chain and every listed device verified."""
+
+    user_id: str
+    certificate: UserCertificate
+    devices: Mapping[str, DeviceIdentity]
+    created_at_ms: Mapping[str, int]
+    identity_changed: bool
+    """The clinic certified another identity key than the one first seen (a new safety number)."""
+
+
+def verify_peer(
+    profile: OpenProfile,
+    user_id: str,
+    user_certificate: bytes,
+    devices: Sequence[tuple[str, bytes]],
+    at_ms: int,
+) -> tuple[UserCertificate, dict[str, DeviceIdentity], dict[str, int]]:
+    """Verify a user's certificate and every device's chain to the pinned root."""
+    info = profile.info
+    try:
+        user = UserCertificate.decode(user_certificate)
+        if user.user_id != user_id:
+            raise ClientError(
+                LocalCode.PEER_UNVERIFIED,
+                f"the server sent another user's certificate for {user_id}",
+            )
+        identities: dict[str, DeviceIdentity] = {}
+        created: dict[str, int] = {}
+        for device_id, cert_bytes in devices:
+            cert = DeviceCertificate.decode(cert_bytes)
+            if cert.device_id != device_id or device_id in identities:
+                raise ClientError(
+                    LocalCode.PEER_UNVERIFIED,
+                    f"the server's device list for {user_id} is inconsistent",
+                )
+            verified = verify_device_chain(
+                info.root_key, info.issuing_certificate, user, cert, at_ms
+            )
+            identities[device_id] = verified.device
+            created[device_id] = cert.created_at_ms
+    except CryptoError as exc:
+        raise ClientError(
+            LocalCode.PEER_UNVERIFIED,
+            f"the certificates of {user_id} do not verify ({exc}); refusing to use them",
+        ) from None
+    return user, identities, created
+
+
+class Directory:
+    """Verified identities of peers (and of our own other devices), cached in memory and in the
+    profile."""
+
+    def __init__(self, profile: OpenProfile, connector: Connector, clock: IReactorTime) -> None:
+        self._profile = profile
+        self._connector = connector
+        self._clock = clock
+        self._cache: dict[str, PeerUser] = {}
+
+    def cached(self, user_id: str) -> PeerUser | None:
+        return self._cache.get(user_id)
+
+    async def user(self, user_id: str, *, refresh: bool = False) -> PeerUser:
+        if not refresh:
+            cached = self._cache.get(user_id)
+            if cached is not None:
+                return cached
+            stored = await self._profile.db.run_interaction("load_peer", load_peer_txn, user_id)
+            if stored is not None:
+                try:
+                    cert, devices, created = verify_peer(
+                        self._profile,
+                        user_id,
+                        stored.user_certificate,
+                        stored.devices,
+                        now_ms(self._clock),
+                    )
+                except ClientError:
+                    pass  # expired or damaged: fetch afresh below
+                else:
+                    peer = PeerUser(
+                        user_id,
+                        cert,
+                        devices,
+                        created,
+                        cert.identity_key.to_text() != stored.first_identity_key,
+                    )
+                    self._cache[user_id] = peer
+                    return peer
+        answer = expect(
+            await self._connector.request(lambda rid: DevicesGet(rid=rid, user=user_id)),
+            DeviceList,
+        )
+        return await self._accept(
+            user_id,
+            answer.user,
+            answer.user_certificate,
+            [(entry.device, entry.certificate) for entry in answer.devices],
+        )
+
+    async def device(self, user_id: str, device_id: str) -> DeviceIdentity:
+        """A device's verified identity; the list is fetched again once if it is unknown."""
+        peer = await self.user(user_id)
+        if device_id not in peer.devices:
+            peer = await self.user(user_id, refresh=True)
+        identity = peer.devices.get(device_id)
+        if identity is None:
+            raise ClientError(
+                LocalCode.PEER_UNVERIFIED, f"{device_id} is not a certified device of {user_id}"
+            )
+        return identity
+
+    async def bundles(self, user_id: str) -> tuple[PeerUser, dict[DeviceAddress, PrekeyBundle]]:
+        """Fresh prekey bundles for every device of a user, each verified."""
+        answer = expect(
+            await self._connector.request(lambda rid: BundleGetMessage(rid=rid, user=user_id)),
+            Bundle,
+        )
+        peer = await self._accept(
+            user_id,
+            answer.user,
+            answer.user_certificate,
+            [(b.device, b.certificate) for b in answer.devices],
+        )
+        bundles: dict[DeviceAddress, PrekeyBundle] = {}
+        for entry in answer.devices:
+            identity = peer.devices[entry.device]
+            try:
+                signed = SignedPrekey.decode(entry.signed_prekey)
+                signed.verify(identity)
+                one_time = (
+                    None
+                    if entry.one_time_prekey is None
+                    else OneTimePrekey.decode(entry.one_time_prekey)
+                )
+            except CryptoError as exc:
+                raise ClientError(
+                    LocalCode.PEER_UNVERIFIED,
+                    f"the prekeys of {user_id}/{entry.device} do not verify ({exc})",
+                ) from None
+            bundles[identity.address] = PrekeyBundle(identity, signed, one_time)
+        return peer, bundles
+
+    async def _accept(
+        self,
+        user_id: str,
+        answered_user: str,
+        user_certificate: bytes,
+        devices: Sequence[tuple[str, bytes]],
+    ) -> PeerUser:
+        if answered_user != user_id:
+            raise ClientError(LocalCode.BAD_SERVER_ANSWER, "the server answered for another user")
+        at_ms = now_ms(self._clock)
+        cert, identities, created = verify_peer(
+            self._profile, user_id, user_certificate, devices, at_ms
+        )
+        identity_key = cert.identity_key.to_text()
+        first = await self._profile.db.run_interaction(
+            "save_peer",
+            save_peer_txn,
+            user_id,
+            user_certificate=user_certificate,
+            identity_key=identity_key,
+            devices=list(devices),
+            now_ms=at_ms,
+        )
+        peer = PeerUser(user_id, cert, identities, created, first != identity_key)
+        self._cache[user_id] = peer
+        return peer
+
+
+# --- sending ----------------------------------------------------------------------------------
+
+
+class _TrackingPrekeys:
+    """The prekey store of one transaction, remembering whether a one-time prekey was used."""
+
+    def __init__(self, store: InMemoryPrekeyStore) -> None:
+        self.store = store
+        self.changed = False
+
+    def signed_prekey(self, prekey_id: int) -> DHPrivateKey | None:
+        return self.store.signed_prekey(prekey_id)
+
+    def one_time_prekey(self, prekey_id: int) -> DHPrivateKey | None:
+        return self.store.one_time_prekey(prekey_id)
+
+    def consume_one_time_prekey(self, prekey_id: int) -> None:
+        self.store.consume_one_time_prekey(prekey_id)
+        self.changed = True
+
+
+def _missing_sessions_txn(
+    conn: sqlite3.Connection, profile: OpenProfile, targets: Sequence[DeviceIdentity]
+) -> list[DeviceAddress]:
+    own = profile.secrets.device.identity
+    sessions = SqlSessionStore(conn, profile.sealer)
+    missing = []
+    for target in targets:
+        record = sessions.load(target.address)
+        if record is None or not record.active.belongs_to(own, target):
+            missing.append(target.address)
+    return missing
+
+
+def message_view(
+    content: Content,
+    *,
+    peer_user: str,
+    outgoing: bool,
+    server_ms: int | None,
+    status: str,
+    error: str | None = None,
+) -> MessageView:
+    return MessageView(
+        message_id=content.message_id,
+        sender_user=content.sender_user_id,
+        sender_device=content.sender_device_id,
+        peer_user=peer_user,
+        outgoing=outgoing,
+        thread_id=content.thread_id,
+        sent_at_ms=content.sent_at_ms,
+        server_ms=server_ms,
+        status=status,
+        text=content.text,
+        attachments=tuple(
+            AttachmentView(i, a.file_name, a.media_type, a.size)
+            for i, a in enumerate(content.attachments)
+        ),
+        error=error,
+    )
+
+
+def view_of_stored(stored: StoredMessage) -> MessageView:
+    """The view of a stored row (its signed content decoded; it verified when it was stored)."""
+    content = SignedContent.decode(stored.signed_content).content
+    return message_view(
+        content,
+        peer_user=stored.peer_user,
+        outgoing=stored.outgoing,
+        server_ms=stored.server_ms,
+        status=stored.status,
+        error=stored.error,
+    )
+
+
+class Messenger:
+    """Composes, encrypts, persists and sends messages; owns the outbox."""
+
+    def __init__(
+        self,
+        profile: OpenProfile,
+        connector: Connector,
+        directory: Directory,
+        http: HttpClient,
+        server: ServerUrl,
+        *,
+        clock: IReactorTime,
+        rng: Rng,
+        tokens: Callable[[], Deferred[bytes | None]],
+    ) -> None:
+        self._profile = profile
+        self._connector = connector
+        self._directory = directory
+        self._http = http
+        self._server = server
+        self._clock = clock
+        self._rng = rng
+        self._tokens = tokens
+        self._waiters: dict[bytes, list[Deferred[SentMessage]]] = {}
+        self._flushing = False
+        self._flush_again = False
+        self._idle_waiters: list[Deferred[None]] = []
+
+    @property
+    def _own(self) -> DeviceIdentity:
+        return self._profile.secrets.device.identity
+
+    # -- public ----------------------------------------------------------------------------
+
+    async def send(
+        self, to_user: str, text: str, files: Sequence[OutgoingFile] = ()
+    ) -> SentMessage:
+        own = self._own
+        _check_message(to_user, text, files, own.user_id)
+        await self._connector.when_ready(fail_fast=True)
+        recipient = await self._directory.user(to_user)
+        if not recipient.devices:
+            raise ClientError(
+                LocalCode.NOT_SENT, f"{to_user} has no enrolled device yet; nothing was sent"
+            )
+        await self._directory.user(own.user_id)
+        descriptors = [await self.upload(f) for f in files]
+        message_id = new_message_id(self._rng)
+        sent_at_ms = now_ms(self._clock)
+
+        def persist(
+            targets: Sequence[DeviceIdentity], bundles: Mapping[DeviceAddress, PrekeyBundle]
+        ) -> Deferred[OutboxEntry]:
+            return self._profile.db.run_interaction(
+                "compose_message",
+                self._compose_txn,
+                to_user=to_user,
+                text=text,
+                descriptors=descriptors,
+                message_id=message_id,
+                sent_at_ms=sent_at_ms,
+                targets=targets,
+                bundles=bundles,
+            )
+
+        entry = await self._with_sessions(to_user, persist)
+        waiter: Deferred[SentMessage] = Deferred()
+        self._waiters.setdefault(entry.message_id, []).append(waiter)
+        self.kick()
+        return await waiter
+
+    def kick(self) -> None:
+        """Flush the outbox on the ready connection (or note that another pass is needed)."""
+        if self._flushing:
+            self._flush_again = True
+            return
+        connection = self._connector.connection
+        if connection is None:
+            return
+        self._flushing = True
+
+        def done(result: object) -> None:
+            self._flushing = False
+            if isinstance(result, Failure):
+                _log.failure("flushing the outbox failed", result)
+            if self._flush_again:
+                self._flush_again = False
+                self.kick()
+            if not self._flushing:
+                idle, self._idle_waiters = self._idle_waiters, []
+                for d in idle:
+                    d.callback(None)
+
+        Deferred.fromCoroutine(self._flush(connection)).addBoth(done)
+
+    def idle(self) -> Deferred[None]:
+        """Fires when no outbox flush is running."""
+        if not self._flushing:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def fail_waiters(self, error: ClientError) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for ds in waiters.values():
+            for d in ds:
+                if not d.called:  # a caller may have cancelled its wait
+                    d.errback(error)
+
+    # -- attachments -----------------------------------------------------------------------
+
+    async def upload(self, file: OutgoingFile) -> AttachmentDescriptor:
+        descriptor, blob = encrypt_attachment(file.data, file.media_type, file.file_name, self._rng)
+        answer = json_answer(
+            await self._http.request(
+                "POST",
+                self._server.http(BLOBS_PATH),
+                headers={
+                    **(await self._authorization()),
+                    "Content-Type": "application/octet-stream",
+                },
+                body=blob,
+            )
+        )
+        blob_id = answer.get("blob_id") if isinstance(answer, dict) else None
+        if (
+            not isinstance(blob_id, str)
+            or not blob_id
+            or len(blob_id.encode("utf-8")) > MAX_BLOB_ID_BYTES
+        ):
+            raise ClientError(
+                LocalCode.BAD_SERVER_ANSWER, "the server's upload answer has no blob id"
+            )
+        return dataclasses.replace(descriptor, blob_id=blob_id)
+
+    async def download(self, descriptor: AttachmentDescriptor) -> bytes:
+        await self._connector.when_ready(fail_fast=True)
+        response = await self._http.request(
+            "GET",
+            self._server.http(f"{BLOBS_PATH}/{quote(descriptor.blob_id, safe='')}"),
+            headers=await self._authorization(),
+            max_response_bytes=encrypted_size(descriptor.size),
+        )
+        if response.status != 200:
+            json_answer(response)  # raises the error it carries
+        try:
+            return decrypt_attachment(descriptor, response.body)
+        except CryptoError as exc:
+            raise ClientError(
+                LocalCode.ATTACHMENT_INVALID,
+                f"the attachment does not match its signed description ({exc})",
+            ) from None
+
+    async def _authorization(self) -> dict[str, str]:
+        await self._connector.when_ready(fail_fast=True)
+        token = await self._tokens()
+        if token is None:
+            raise ClientError(LocalCode.CONNECTION_LOST, "no session with the server")
+        return {"Authorization": f"Bearer {b64url(token)}"}
+
+    # -- composing -------------------------------------------------------------------------
+
+    def _targets(self, users: Iterable[str]) -> list[DeviceIdentity]:
+        own = self._own
+        targets: list[DeviceIdentity] = []
+        for user_id in sorted(set(users)):
+            peer = self._directory.cached(user_id)
+            if peer is None:
+                continue
+            for device_id in sorted(peer.devices):
+                identity = peer.devices[device_id]
+                if identity.address != own.address:
+                    targets.append(identity)
+        return targets
+
+    async def _with_sessions(
+        self,
+        to_user: str,
+        persist: Callable[
+            [Sequence[DeviceIdentity], Mapping[DeviceAddress, PrekeyBundle]], Deferred[_T]
+        ],
+        only: Callable[[DeviceIdentity], bool] | None = None,
+    ) -> _T:
+        """Run `persist(targets, bundles)` with bundles for every target lacking a session,
+        fetching them (and retrying) when a device appeared meanwhile."""
+        users = (to_user, self._own.user_id)
+        bundles: dict[DeviceAddress, PrekeyBundle] = {}
+        for _ in range(MAX_BUNDLE_ROUNDS):
+            targets = [t for t in self._targets(users) if only is None or only(t)]
+            missing = await self._profile.db.run_interaction(
+                "plan_sessions", _missing_sessions_txn, self._profile, targets
+            )
+            for user_id in sorted({a.user_id for a in missing if a not in bundles}):
+                _, fetched = await self._directory.bundles(user_id)
+                bundles.update(fetched)
+            targets = [t for t in self._targets(users) if only is None or only(t)]
+            usable = {a: b for a, b in bundles.items() if any(t == b.identity for t in targets)}
+            try:
+                return await persist(targets, usable)
+            except MissingPrekeyBundle:
+                continue
+        raise ClientError(
+            LocalCode.NOT_SENT, "could not set up sessions with every device; nothing was sent"
+        )
+
+    def _compose_txn(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        to_user: str,
+        text: str,
+        descriptors: Sequence[AttachmentDescriptor],
+        message_id: bytes,
+        sent_at_ms: int,
+        targets: Sequence[DeviceIdentity],
+        bundles: Mapping[DeviceAddress, PrekeyBundle],
+    ) -> OutboxEntry:
+        profile = self._profile
+        own = profile.secrets.device
+        thread_id = get_conversation_txn(conn, to_user) or new_thread_id(self._rng)
+        content = Content(
+            thread_id=thread_id,
+            message_id=message_id,
+            sender_user_id=own.identity.user_id,
+            sender_device_id=own.identity.device_id,
+            sender_certificate_hash=own.identity.certificate_hash,
+            recipients=(to_user,),
+            sent_at_ms=sent_at_ms,
+            previous_hash=get_thread_head_txn(conn, thread_id),
+            log_view=None,
+            kind=KIND_TEXT,
+            text=text,
+            attachments=tuple(descriptors),
+        )
+        signed = sign_content(content, own).encode()
+        ciphertexts = encrypt_for_devices(
+            own, signed, targets, SqlSessionStore(conn, profile.sealer), bundles, self._rng
+        )
+        body = _send_body(message_id, ciphertexts.items())
+        now = now_ms(self._clock)
+        insert_message_txn(
+            conn,
+            profile.sealer,
+            message_id=message_id,
+            sender_user=own.identity.user_id,
+            sender_device=own.identity.device_id,
+            peer_user=to_user,
+            outgoing=True,
+            thread_id=thread_id,
+            sent_at_ms=sent_at_ms,
+            server_ms=None,
+            stored_ms=now,
+            status=STATUS_SENDING,
+            signed_content=signed,
+            read=True,  # written here: never "new" on this device
+        )
+        put_outbox_txn(conn, message_id, to_user, body, now)
+        set_conversation_txn(conn, to_user, thread_id, now)
+        set_thread_head_txn(conn, thread_id, content_hash(content), sent_at_ms)
+        return OutboxEntry(message_id, to_user, body, now, 0)
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    async def _flush(self, connection: ServerConnection) -> None:
+        while True:
+            self._flush_again = False
+            entries = await self._profile.db.run_interaction("list_outbox", list_outbox_txn)
+            for entry in entries:
+                if connection.closed:
+                    return
+                await self._push(connection, entry)
+            if not self._flush_again:
+                return
+
+    async def _push(self, connection: ServerConnection, entry: OutboxEntry) -> None:
+        for _ in range(MAX_STALE_RETRIES + 1):
+            send = decode_body(entry.body, Direction.CLIENT_TO_SERVER)
+            assert isinstance(send, Send)  # noqa: S101 (we stored it)
+            await self._profile.db.run_interaction(
+                "note_attempt", note_outbox_attempt_txn, entry.message_id
+            )
+            try:
+                answer = expect(await connection.request(functools.partial(_with_rid, send)), Sent)
+            except RemoteError as exc:
+                if exc.code is ErrorCode.STALE_DEVICES:
+                    try:
+                        entry = await self._reencrypt(entry, send, exc)
+                    except ClientError as failure:
+                        await self._give_up(entry, failure)
+                        return
+                    continue
+                if exc.code in _TERMINAL_SEND_CODES:
+                    await self._give_up(entry, exc)
+                    return
+                self._resolve(
+                    entry.message_id,
+                    ClientError(
+                        LocalCode.NOT_SENT,
+                        f"the server could not take the message now ({exc.code.value}); "
+                        "it stays queued and is sent on the next connection",
+                    ),
+                )
+                return
+            except ClientError:
+                return  # connection lost or timed out: the next connection resends it
+            if answer.message_id != entry.message_id:
+                _log.warn("the server confirmed another message id; keeping ours queued")
+                return
+            own = self._own
+            await self._profile.db.run_interaction(
+                "message_sent", _mark_sent_txn, own, entry.message_id, answer.time_ms
+            )
+            self._resolve(
+                entry.message_id,
+                SentMessage(entry.message_id, answer.time_ms, entry.peer_user, len(send.envelopes)),
+            )
+            return
+        await self._give_up(
+            entry,
+            ClientError(LocalCode.NOT_SENT, "the recipient's devices kept changing; not sent"),
+        )
+
+    async def _reencrypt(self, entry: OutboxEntry, send: Send, refusal: RemoteError) -> OutboxEntry:
+        own = self._own
+        users = {entry.peer_user, own.user_id}
+        users.update(ref.user for ref in (*refusal.missing, *refusal.extra))
+        for user_id in sorted(users):
+            await self._directory.user(user_id, refresh=True)
+        current = {t.address for t in self._targets((entry.peer_user, own.user_id))}
+        kept = {
+            DeviceAddress(e.user, e.device): e.ciphertext
+            for e in send.envelopes
+            if DeviceAddress(e.user, e.device) in current
+        }
+        stored = await self._profile.db.run_interaction(
+            "load_own_message",
+            get_message_txn,
+            self._profile.sealer,
+            own.user_id,
+            own.device_id,
+            entry.message_id,
+        )
+        if stored is None:
+            raise ClientError(LocalCode.NOT_SENT, "the queued message is gone from the profile")
+
+        def persist(
+            targets: Sequence[DeviceIdentity], bundles: Mapping[DeviceAddress, PrekeyBundle]
+        ) -> Deferred[OutboxEntry]:
+            return self._profile.db.run_interaction(
+                "reencrypt_message",
+                self._reencrypt_txn,
+                entry=entry,
+                plaintext=stored.signed_content,
+                kept=kept,
+                targets=targets,
+                bundles=bundles,
+            )
+
+        return await self._with_sessions(
+            entry.peer_user, persist, only=lambda t: t.address not in kept
+        )
+
+    def _reencrypt_txn(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        entry: OutboxEntry,
+        plaintext: bytes,
+        kept: Mapping[DeviceAddress, bytes],
+        targets: Sequence[DeviceIdentity],
+        bundles: Mapping[DeviceAddress, PrekeyBundle],
+    ) -> OutboxEntry:
+        fresh = encrypt_for_devices(
+            self._profile.secrets.device,
+            plaintext,
+            targets,
+            SqlSessionStore(conn, self._profile.sealer),
+            bundles,
+            self._rng,
+        )
+        envelopes = {**kept, **fresh}
+        if not envelopes:
+            raise ClientError(LocalCode.NOT_SENT, f"{entry.peer_user} has no devices left")
+        body = _send_body(entry.message_id, envelopes.items())
+        put_outbox_txn(conn, entry.message_id, entry.peer_user, body, entry.created_ms)
+        return dataclasses.replace(entry, body=body)
+
+    async def _give_up(self, entry: OutboxEntry, error: ClientError) -> None:
+        own = self._own
+        await self._profile.db.run_interaction(
+            "message_failed", _mark_failed_txn, own, entry.message_id, error.message
+        )
+        self._resolve(entry.message_id, error)
+
+    def _resolve(self, message_id: bytes, outcome: SentMessage | ClientError) -> None:
+        for d in self._waiters.pop(message_id, []):
+            if d.called:
+                continue  # the caller cancelled its wait (a timeout); the outcome is stored
+            if isinstance(outcome, ClientError):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+
+
+def _with_rid(send: Send, rid: int) -> Send:
+    return dataclasses.replace(send, rid=rid)
+
+
+def _send_body(message_id: bytes, ciphertexts: Iterable[tuple[DeviceAddress, bytes]]) -> bytes:
+    envelopes = tuple(
+        OutboundEnvelope(user=a.user_id, device=a.device_id, ciphertext=c)
+        for a, c in sorted(ciphertexts, key=lambda item: (item[0].user_id, item[0].device_id))
+    )
+    return encode_body(Send(rid=0, message_id=message_id, envelopes=envelopes))
+
+
+def _mark_sent_txn(
+    conn: sqlite3.Connection, own: DeviceIdentity, message_id: bytes, server_ms: int
+) -> None:
+    set_message_status_txn(
+        conn, own.user_id, own.device_id, message_id, STATUS_SENT, server_ms=server_ms
+    )
+    delete_outbox_txn(conn, message_id)
+
+
+def _mark_failed_txn(
+    conn: sqlite3.Connection, own: DeviceIdentity, message_id: bytes, reason: str
+) -> None:
+    set_message_status_txn(
+        conn, own.user_id, own.device_id, message_id, STATUS_FAILED, error=reason
+    )
+    delete_outbox_txn(conn, message_id)
+
+
+def _check_message(to_user: str, text: str, files: Sequence[OutgoingFile], own_user: str) -> None:
+    try:
+        check_id(to_user, "username")
+    except (TypeError, ValueError) as exc:
+        raise ClientError(LocalCode.INVALID_ARGUMENT, str(exc)) from None
+    if to_user == own_user:
+        raise ClientError(LocalCode.INVALID_ARGUMENT, "you cannot send a message to yourself")
+    if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+        raise ClientError(
+            LocalCode.INVALID_ARGUMENT, f"the text is longer than {MAX_TEXT_BYTES} bytes"
+        )
+    if len(files) > MAX_ATTACHMENTS:
+        raise ClientError(
+            LocalCode.INVALID_ARGUMENT, f"at most {MAX_ATTACHMENTS} attachments per message"
+        )
+    for file in files:
+        if len(file.data) > MAX_BLOB_SIZE:
+            raise ClientError(
+                LocalCode.INVALID_ARGUMENT,
+                f"an attachment is larger than {MAX_BLOB_SIZE // (1024 * 1024)} MiB",
+            )
+
+
+# --- receiving --------------------------------------------------------------------------------
+
+
+class _Undecryptable(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _crypto_reason(exc: CryptoError) -> str:
+    return f"cannot decrypt ({exc.code}: {exc})"
+
+
+class Receiver:
+    """Handles delivered items in order; acknowledges each only once it is stored."""
+
+    def __init__(
+        self,
+        profile: OpenProfile,
+        directory: Directory,
+        *,
+        clock: IReactorTime,
+        rng: Rng,
+        notify: Notify,
+    ) -> None:
+        self._profile = profile
+        self._directory = directory
+        self._clock = clock
+        self._rng = rng
+        self._notify = notify
+        self._lock = DeferredLock()
+        self.batches_received = 0
+
+    def on_deliver(self, connection: ServerConnection, items: Sequence[DeliveredItem]) -> None:
+        self.batches_received += 1
+
+        def process() -> Deferred[None]:
+            return Deferred.fromCoroutine(self._process(connection, items))
+
+        d = self._lock.run(process)
+        d.addErrback(lambda f: _log.failure("handling delivered items failed", f))
+
+    def idle(self) -> Deferred[None]:
+        """Fires once every batch received so far is handled."""
+        return self._lock.run(lambda: succeed(None))
+
+    async def _process(self, connection: ServerConnection, items: Sequence[DeliveredItem]) -> None:
+        acks: list[int] = []
+        try:
+            for item in items:
+                event = await self._handle(item)
+                acks.append(item.seq)
+                if event is not None:
+                    self._notify(event)
+        except ClientError as exc:
+            # Transient: acknowledge what is stored and let the relay deliver the rest again.
+            _log.info("stopped handling a delivery: {code}", code=exc.code.value)
+            if acks:
+                connection.send(Ack(seqs=tuple(acks)))
+            connection.close()
+            return
+        if acks:
+            connection.send(Ack(seqs=tuple(acks)))
+
+    async def _handle(self, item: DeliveredItem) -> Event | None:
+        db = self._profile.db
+        if item.kind == ItemKind.EXPIRED:
+            row = await db.run_interaction(
+                "record_expired",
+                insert_notice_txn,
+                kind=NOTICE_EXPIRED,
+                message_id=item.message_id,
+                user_id=item.user,
+                device_id=item.device,
+                server_ms=item.time_ms,
+                recorded_ms=now_ms(self._clock),
+                reason="the message expired before this device fetched it",
+            )
+            if row is None:
+                return None
+            return NoticeView(
+                NOTICE_EXPIRED,
+                item.message_id,
+                item.user,
+                item.device,
+                item.time_ms,
+                "the message expired before this device fetched it",
+            )
+        if await db.run_interaction("seen", item_seen_txn, item.user, item.device, item.message_id):
+            return None
+        try:
+            sender = await self._directory.device(item.user, item.device)
+        except ClientError as exc:
+            if exc.code in _PERMANENT_LOOKUP_CODES:
+                return await self._record_failure(
+                    item, f"the sender could not be verified: {exc.message}"
+                )
+            raise
+        try:
+            return await db.run_interaction("receive", self._receive_txn, item, sender)
+        except _Undecryptable as exc:
+            return await self._record_failure(item, exc.reason)
+
+    def _receive_txn(
+        self, conn: sqlite3.Connection, item: DeliveredItem, sender: DeviceIdentity
+    ) -> Event | None:
+        profile = self._profile
+        own = profile.secrets.device
+        assert item.ciphertext is not None  # noqa: S101 (a "msg" item carries one)
+        if item_seen_txn(conn, item.user, item.device, item.message_id):
+            return None  # stored meanwhile by another process on this profile
+        prekeys = _TrackingPrekeys(load_prekeys_txn(conn, profile.sealer))
+        try:
+            plaintext = decrypt_from_device(
+                own,
+                sender,
+                item.ciphertext,
+                SqlSessionStore(conn, profile.sealer),
+                prekeys,
+                self._rng,
+            )
+        except CryptoError as exc:
+            raise _Undecryptable(_crypto_reason(exc)) from None
+        if prekeys.changed:
+            save_prekeys_txn(conn, profile.sealer, prekeys.store)
+        # From here the ratchet has advanced: failures are recorded in this same transaction.
+        reason: str | None = None
+        content: Content | None = None
+        try:
+            content = verify_signed_content(SignedContent.decode(plaintext), sender)
+        except CryptoError as exc:
+            reason = f"the sender's signature or content does not verify ({exc.code})"
+        own_user = own.identity.user_id
+        if content is not None:
+            if content.message_id != item.message_id:
+                reason = "the signed message id differs from the one the relay gave"
+            elif content.sender_user_id != own_user and not content.is_addressed_to(own_user):
+                reason = "the message was signed for other recipients (forwarded?)"
+        if reason is not None or content is None:
+            return self._failure_txn(conn, item, reason or "unverifiable")
+        outgoing = content.sender_user_id == own_user
+        if outgoing:
+            others = [r for r in content.recipients if r != own_user]
+            peer_user = others[0] if others else own_user
+        else:
+            peer_user = content.sender_user_id
+        now = now_ms(self._clock)
+        insert_message_txn(
+            conn,
+            profile.sealer,
+            message_id=content.message_id,
+            sender_user=item.user,
+            sender_device=item.device,
+            peer_user=peer_user,
+            outgoing=outgoing,
+            thread_id=content.thread_id,
+            sent_at_ms=content.sent_at_ms,
+            server_ms=item.time_ms,
+            stored_ms=now,
+            status=STATUS_SENT if outgoing else STATUS_RECEIVED,
+            signed_content=plaintext,
+            read=False,  # a copy of what our other device sent is news here too
+        )
+        set_conversation_txn(conn, peer_user, content.thread_id, now)
+        if outgoing:
+            set_thread_head_txn(conn, content.thread_id, content_hash(content), content.sent_at_ms)
+        return message_view(
+            content,
+            peer_user=peer_user,
+            outgoing=outgoing,
+            server_ms=item.time_ms,
+            status=STATUS_SENT if outgoing else STATUS_RECEIVED,
+        )
+
+    def _failure_txn(self, conn: sqlite3.Connection, item: DeliveredItem, reason: str) -> Event:
+        insert_notice_txn(
+            conn,
+            kind=NOTICE_FAILED,
+            message_id=item.message_id,
+            user_id=item.user,
+            device_id=item.device,
+            server_ms=item.time_ms,
+            recorded_ms=now_ms(self._clock),
+            reason=reason,
+        )
+        return NoticeView(
+            NOTICE_FAILED, item.message_id, item.user, item.device, item.time_ms, reason
+        )
+
+    async def _record_failure(self, item: DeliveredItem, reason: str) -> Event:
+        return await self._profile.db.run_interaction(
+            "record_failure", self._failure_txn, item, reason
+        )
+
+
+def notice_view(notice: StoredNotice) -> NoticeView:
+    return NoticeView(
+        notice.kind,
+        notice.message_id,
+        notice.user_id,
+        notice.device_id,
+        notice.server_ms,
+        notice.reason,
+    )
+
+
+# --- prekeys ----------------------------------------------------------------------------------
+
+
+class PrekeyKeeper:
+    """Answers `prekeys_low`: generates, stores (sealed) and then uploads one-time prekeys."""
+
+    def __init__(self, profile: OpenProfile, *, rng: Rng) -> None:
+        self._profile = profile
+        self._rng = rng
+        self._busy = False
+
+    def on_prekeys_low(self, connection: ServerConnection, wanted: int) -> Deferred[None] | None:
+        count = min(wanted, MAX_ONE_TIME_PREKEYS_PER_UPLOAD)
+        if self._busy or count <= 0:
+            return None
+        self._busy = True
+
+        def done(result: object) -> None:
+            self._busy = False
+            if isinstance(result, Failure):
+                _log.info("topping up prekeys failed: {error}", error=result.getErrorMessage())
+
+        d = Deferred.fromCoroutine(self._top_up(connection, count))
+        d.addBoth(done)
+        return d
+
+    async def _top_up(self, connection: ServerConnection, count: int) -> None:
+        records = await self._profile.db.run_interaction("new_prekeys", self._generate_txn, count)
+        if not records:
+            return
+        expect(
+            await connection.request(
+                lambda rid: PrekeysPut(rid=rid, one_time_prekeys=tuple(records))
+            ),
+            PrekeysStored,
+        )
+
+    def _generate_txn(self, conn: sqlite3.Connection, count: int) -> list[bytes]:
+        sealer = self._profile.sealer
+        prekeys = load_prekeys_txn(conn, sealer)
+        room = MAX_ONE_TIME_PREKEYS - len(prekeys.one_time_prekey_records())
+        count = max(0, min(count, room))
+        if not count:
+            return []
+        first = allocate_one_time_prekey_ids_txn(conn, count)
+        pairs = generate_one_time_prekeys(first, count, self._rng)
+        prekeys.add_one_time_prekeys(pairs)
+        save_prekeys_txn(conn, sealer, prekeys)
+        return [pair.record.encode() for pair in pairs]

@@ -1,0 +1,775 @@
+"""Test support for the client engine (in the spirit of `twisted.internet.testing`): an in-memory
+relay that speaks protocol v1 to engines through a fake dialer and serves the HTTP endpoints
+(enrollment, blobs) through a fake `HttpClient`, with a fake clinic authority.
+
+It is not the real server: it implements just enough of docs/protocol.md, faithfully (frames
+through the real codec, signatures checked, the device set checked, idempotent sends, queues,
+acknowledgements), for engine and front-end tests to run without network, threads or real time.
+Frames travel only when the test calls `pump()`, so a test decides the interleaving; knobs
+(`down`, `refuse_next_send`, `invalidate_tokens`, `drop`...) inject failures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from medrelay.clients.engine.client import Engine, open_engine
+from medrelay.clients.engine.connection import FrameSink, FrameTransport
+from medrelay.clients.engine.enrollment import (
+    ONE_TIME_PREKEYS,
+    b64url,
+    b64url_decode,
+    enroll,
+    generate_device,
+)
+from medrelay.clients.engine.errors import ClientError, LocalCode
+from medrelay.clients.engine.http import HttpResponse
+from medrelay.clients.engine.store import (
+    Database,
+    ProfileInfo,
+    ProfileSecrets,
+    Sealer,
+    connect,
+    create_schema_txn,
+    inline_runner,
+    open_profile,
+    write_enrollment_txn,
+)
+from medrelay.crypto.certificates import (
+    ClinicKeyCertificate,
+    ClinicKeyPurpose,
+    DeviceCertificate,
+    Role,
+    UserCertificate,
+    issue_clinic_key_certificate,
+    issue_user_certificate,
+    verify_device,
+)
+from medrelay.crypto.errors import CryptoError
+from medrelay.crypto.keys import SigningKey, VerifyKey
+from medrelay.crypto.rng import Rng, seeded_rng
+from medrelay.crypto.sealing import SealParams, new_key_derivation
+from medrelay.crypto.x3dh import SignedPrekey
+from medrelay.protocol.auth import auth_transcript
+from medrelay.protocol.errors import ErrorCode, ProtocolError
+from medrelay.protocol.frames import FrameDecoder, encode_frame
+from medrelay.protocol.messages import (
+    Ack,
+    Auth,
+    Authenticated,
+    Bundle,
+    BundleGet,
+    Deliver,
+    DeliveredItem,
+    DeviceBundle,
+    DeviceEntry,
+    DeviceList,
+    DeviceRef,
+    DevicesGet,
+    Direction,
+    Error,
+    Hello,
+    ItemKind,
+    Limits,
+    Message,
+    PrekeysLow,
+    PrekeysPut,
+    PrekeysStored,
+    Resume,
+    Send,
+    Sent,
+    Welcome,
+)
+
+FAR_FUTURE_MS: Final = 4_102_444_800_000
+"""2100-01-01: test certificates never expire during a test."""
+TOKEN_LIFETIME_MS: Final = 7 * 24 * 3600 * 1000
+
+_T = TypeVar("_T")
+
+
+class FakeClinic:
+    """A clinic authority: root key, issuing key and its certificate."""
+
+    def __init__(self, rng: Rng, *, clinic_id: str = "clinic.test") -> None:
+        self.clinic_id = clinic_id
+        self.root = SigningKey.generate(rng)
+        self.issuing = SigningKey.generate(rng)
+        self.issuing_certificate: ClinicKeyCertificate = issue_clinic_key_certificate(
+            self.root,
+            clinic_id=clinic_id,
+            purpose=ClinicKeyPurpose.ISSUING,
+            key=self.issuing.verify_key,
+            not_before_ms=0,
+            not_after_ms=FAR_FUTURE_MS,
+            serial=1,
+        )
+        self._serial = 1
+
+    def certify(
+        self, user_id: str, identity_key: VerifyKey, *, role: Role, display_name: str
+    ) -> UserCertificate:
+        self._serial += 1
+        return issue_user_certificate(
+            self.issuing,
+            user_id=user_id,
+            role=role,
+            display_name=display_name,
+            identity_key=identity_key,
+            not_before_ms=0,
+            not_after_ms=FAR_FUTURE_MS,
+            serial=self._serial,
+        )
+
+
+@dataclass(slots=True)
+class FakeDevice:
+    user_id: str
+    device_id: str
+    certificate: bytes
+    signing_key: VerifyKey
+    signed_prekey: bytes
+    one_time_prekeys: list[bytes]
+    queue: list[DeliveredItem] = field(default_factory=list)
+    acked: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class FakeUser:
+    user_id: str
+    role: Role
+    display_name: str
+    code: str | None
+    certificate: bytes | None = None
+    devices: dict[str, FakeDevice] = field(default_factory=dict)
+
+
+class _Link:
+    """One client connection: the client's transport and the relay's view of it."""
+
+    def __init__(self, relay: FakeRelay) -> None:
+        self.relay = relay
+        self.sink: FrameSink | None = None
+        self.decoder = FrameDecoder(Direction.CLIENT_TO_SERVER)
+        self.inbound: list[bytes] = []
+        self.outbound: list[bytes] = []
+        self.closing = False
+        self.closed = False
+        self.challenge = b""
+        self.device: FakeDevice | None = None
+        self.claimed_user: str | None = None
+        self.in_flight: set[int] = set()
+        self.frames_from_client: list[Message] = []
+
+    # FrameTransport (the client's side)
+
+    def write(self, data: bytes) -> None:
+        if not self.closing:
+            self.inbound.append(data)
+
+    def close(self) -> None:
+        self.closing = True
+
+    # relay side
+
+    def push(self, message: Message) -> None:
+        if not self.closed:
+            self.outbound.append(encode_frame(message))
+
+
+class FakeDialer:
+    """A `Dialer` connecting engines to a `FakeRelay`."""
+
+    def __init__(self, relay: FakeRelay) -> None:
+        self._relay = relay
+
+    def dial(self, attach: Callable[[FrameTransport], FrameSink]) -> Deferred[None]:
+        relay = self._relay
+        relay.dials += 1
+        if relay.down:
+            return fail(ClientError(LocalCode.SERVER_UNREACHABLE, "cannot connect (fake)"))
+        link = _Link(relay)
+        relay.links.append(link)
+        relay.all_links.append(link)
+        link.sink = attach(link)
+        link.sink.connection_made()
+        return succeed(None)
+
+
+class FakeRelay:
+    """An in-memory relay. Call `pump()` to move frames; `http` serves the HTTP endpoints."""
+
+    def __init__(self, clinic: FakeClinic, clock: IReactorTime, rng: Rng) -> None:
+        self.clinic = clinic
+        self.clock = clock
+        self.rng = rng
+        self.users: dict[str, FakeUser] = {}
+        self.tokens: dict[bytes, tuple[str, str]] = {}
+        self.sent: dict[tuple[str, str, bytes], tuple[bytes, int]] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.links: list[_Link] = []
+        self.all_links: list[_Link] = []
+        self.next_seq = 1
+        self.dials = 0
+        self.down = False
+        self.invalidate_tokens = False
+        self.refuse_next_send: ErrorCode | None = None
+        self.forbidden_pairs: set[tuple[str, str]] = set()
+        self.drop_after_send = False
+        self.lose_sends = False
+        self.prekey_low_threshold = 10
+        self.prekey_target = 100
+        self.http = FakeHttp(self)
+        self.dialer = FakeDialer(self)
+
+    def now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    # -- administration --------------------------------------------------------------------
+
+    def add_user(
+        self, user_id: str, code: str, *, role: Role = Role.DOCTOR, display_name: str = ""
+    ) -> None:
+        self.users[user_id] = FakeUser(user_id, role, display_name or user_id, code)
+
+    def device(self, user_id: str, device_id: str) -> FakeDevice:
+        return self.users[user_id].devices[device_id]
+
+    def only_device(self, user_id: str) -> FakeDevice:
+        (device,) = self.users[user_id].devices.values()
+        return device
+
+    def expire(self, sender: tuple[str, str], message_id: bytes, missed: tuple[str, str]) -> None:
+        """Queue an expiry notice for `sender`'s device: `missed` never fetched `message_id`."""
+        device = self.device(*sender)
+        device.queue.append(
+            DeliveredItem(
+                seq=self._seq(),
+                kind=ItemKind.EXPIRED,
+                message_id=message_id,
+                time_ms=self.now_ms(),
+                user=missed[0],
+                device=missed[1],
+            )
+        )
+        self._push_queues()
+
+    def drop(self) -> None:
+        """Break every connection (both sides see it lost)."""
+        for link in self.links:
+            link.closing = True
+        self.pump()
+
+    def client_frames(self, user_id: str) -> list[Message]:
+        """Every frame the devices of `user_id` sent, over all their connections, in order."""
+        return [
+            message
+            for link in self.all_links
+            if link.claimed_user == user_id
+            for message in link.frames_from_client
+        ]
+
+    def connected(self, user_id: str, device_id: str) -> bool:
+        return any(
+            link.device is not None
+            and (link.device.user_id, link.device.device_id) == (user_id, device_id)
+            and not link.closed
+            for link in self.links
+        )
+
+    # -- moving frames ---------------------------------------------------------------------
+
+    def pump(self, max_rounds: int = 1000) -> None:
+        """Deliver queued frames both ways until nothing moves."""
+        for _ in range(max_rounds):
+            moved = False
+            for link in list(self.links):
+                if link.closed:
+                    continue
+                while link.inbound:
+                    moved = True
+                    data = link.inbound.pop(0)
+                    self._receive(link, data)
+                while link.outbound and not link.closed:
+                    moved = True
+                    data = link.outbound.pop(0)
+                    assert link.sink is not None  # noqa: S101
+                    link.sink.data_received(data)
+                if link.closing and not link.inbound and not link.outbound:
+                    moved = True
+                    link.closed = True
+                    self.links.remove(link)
+                    assert link.sink is not None  # noqa: S101
+                    link.sink.connection_lost()
+            if not moved:
+                return
+        raise RuntimeError("the fake relay kept moving frames: a loop?")
+
+    def _receive(self, link: _Link, data: bytes) -> None:
+        try:
+            link.decoder.receive_data(data)
+            while (message := link.decoder.next_message()) is not None:
+                link.frames_from_client.append(message)
+                self._dispatch(link, message)
+        except ProtocolError as exc:
+            link.push(Error(code=exc.code, message=exc.message, rid=exc.rid))
+            if exc.fatal:
+                link.closing = True
+
+    def _dispatch(self, link: _Link, message: Message) -> None:
+        if isinstance(message, Hello):
+            link.challenge = self.rng(32)
+            link.push(
+                Welcome(
+                    version=1,
+                    agent="fake-relay",
+                    clinic=self.clinic.clinic_id,
+                    challenge=link.challenge,
+                    time_ms=self.now_ms(),
+                    limits=Limits(max_frame=1 << 20, max_ciphertext=1 << 18, max_envelopes=128,
+                                  max_acks=1024),
+                )
+            )  # fmt: skip
+        elif isinstance(message, Auth):
+            self._auth(link, message)
+        elif isinstance(message, Resume):
+            self._resume(link, message)
+        elif link.device is None:
+            link.push(_error(ErrorCode.NOT_AUTHENTICATED, getattr(message, "rid", None)))
+        elif isinstance(message, DevicesGet):
+            user = self.users.get(message.user)
+            if user is None or user.certificate is None:
+                link.push(_error(ErrorCode.UNKNOWN_USER, message.rid))
+                return
+            link.push(
+                DeviceList(
+                    rid=message.rid,
+                    user=user.user_id,
+                    user_certificate=user.certificate,
+                    devices=tuple(
+                        DeviceEntry(d.device_id, d.certificate) for d in user.devices.values()
+                    ),
+                )
+            )
+        elif isinstance(message, BundleGet):
+            self._bundle(link, message)
+        elif isinstance(message, PrekeysPut):
+            link.device.one_time_prekeys.extend(message.one_time_prekeys)
+            if message.signed_prekey is not None:
+                link.device.signed_prekey = message.signed_prekey
+            link.push(
+                PrekeysStored(rid=message.rid, one_time_count=len(link.device.one_time_prekeys))
+            )
+        elif isinstance(message, Send):
+            self._send(link, link.device, message)
+        elif isinstance(message, Ack):
+            device = link.device
+            acked = set(message.seqs)
+            device.acked.extend(message.seqs)
+            device.queue = [i for i in device.queue if i.seq not in acked]
+            link.in_flight -= acked
+
+    def _auth(self, link: _Link, message: Auth) -> None:
+        link.claimed_user = message.user
+        user = self.users.get(message.user)
+        device = None if user is None else user.devices.get(message.device)
+        transcript = auth_transcript(
+            link.challenge, self.clinic.clinic_id, message.user, message.device
+        )
+        try:
+            if device is None:
+                raise CryptoError("unknown device")
+            device.signing_key.verify(transcript, message.signature)
+        except CryptoError:
+            link.push(_error(ErrorCode.AUTH_FAILED, message.rid))
+            link.closing = True
+            return
+        token = self.rng(32)
+        self.tokens[token] = (message.user, message.device)
+        self._logged_in(link, device, message.rid, token)
+
+    def _resume(self, link: _Link, message: Resume) -> None:
+        owner = self.tokens.get(message.token)
+        if owner is not None:
+            link.claimed_user = owner[0]
+        if owner is None or self.invalidate_tokens:
+            link.push(_error(ErrorCode.TOKEN_INVALID, message.rid))
+            link.closing = True
+            return
+        self._logged_in(link, self.device(*owner), message.rid, None)
+
+    def _logged_in(self, link: _Link, device: FakeDevice, rid: int, token: bytes | None) -> None:
+        for other in self.links:
+            if other is not link and other.device is device and not other.closing:
+                other.push(_error(ErrorCode.SESSION_REPLACED, None))
+                other.closing = True
+        link.device = device
+        link.push(
+            Authenticated(
+                rid=rid,
+                user=device.user_id,
+                device=device.device_id,
+                expires_ms=self.now_ms() + TOKEN_LIFETIME_MS,
+                token=token,
+            )
+        )
+        remaining = len(device.one_time_prekeys)
+        if remaining < self.prekey_low_threshold:
+            link.push(PrekeysLow(remaining=remaining, wanted=self.prekey_target - remaining))
+        self._push_queues()
+
+    def _bundle(self, link: _Link, message: BundleGet) -> None:
+        user = self.users.get(message.user)
+        if user is None or user.certificate is None:
+            link.push(_error(ErrorCode.UNKNOWN_USER, message.rid))
+            return
+        bundles = []
+        for device in user.devices.values():
+            otk = device.one_time_prekeys.pop(0) if device.one_time_prekeys else None
+            bundles.append(
+                DeviceBundle(device.device_id, device.certificate, device.signed_prekey, otk)
+            )
+        link.push(
+            Bundle(
+                rid=message.rid,
+                user=user.user_id,
+                user_certificate=user.certificate,
+                devices=tuple(bundles),
+            )
+        )
+
+    def _send(self, link: _Link, sender: FakeDevice, message: Send) -> None:
+        digest = hashlib.sha256(
+            b"".join(
+                e.user.encode() + b"\0" + e.device.encode() + b"\0" + e.ciphertext
+                for e in message.envelopes
+            )
+        ).digest()
+        key = (sender.user_id, sender.device_id, message.message_id)
+        if key in self.sent:
+            stored_digest, time_ms = self.sent[key]
+            if stored_digest != digest:
+                link.push(_error(ErrorCode.ID_CONFLICT, message.rid))
+            else:
+                link.push(Sent(rid=message.rid, message_id=message.message_id, time_ms=time_ms))
+            return
+        if self.lose_sends:
+            link.closing = True  # lost before it was stored, and the relay goes away
+            self.down = True
+            return
+        if self.refuse_next_send is not None:
+            code, self.refuse_next_send = self.refuse_next_send, None
+            link.push(_error(code, message.rid))
+            return
+        addressed = {e.user for e in message.envelopes}
+        for user_id in addressed:
+            user = self.users.get(user_id)
+            if user is None or user.certificate is None:
+                link.push(_error(ErrorCode.UNKNOWN_USER, message.rid))
+                return
+            if (sender.user_id, user_id) in self.forbidden_pairs:
+                link.push(_error(ErrorCode.FORBIDDEN, message.rid))
+                return
+        current = {
+            (u, d)
+            for u in addressed | {sender.user_id}
+            for d in self.users[u].devices
+            if (u, d) != (sender.user_id, sender.device_id)
+        }
+        targets = {(e.user, e.device) for e in message.envelopes}
+        if targets != current:
+            link.push(
+                Error(
+                    code=ErrorCode.STALE_DEVICES,
+                    message="the device set is not current",
+                    rid=message.rid,
+                    missing=tuple(DeviceRef(u, d) for u, d in sorted(current - targets)) or None,
+                    extra=tuple(DeviceRef(u, d) for u, d in sorted(targets - current)) or None,
+                )
+            )
+            return
+        time_ms = self.now_ms()
+        self.sent[key] = (digest, time_ms)
+        for envelope in message.envelopes:
+            self.device(envelope.user, envelope.device).queue.append(
+                DeliveredItem(
+                    seq=self._seq(),
+                    kind=ItemKind.MESSAGE,
+                    message_id=message.message_id,
+                    time_ms=time_ms,
+                    user=sender.user_id,
+                    device=sender.device_id,
+                    ciphertext=envelope.ciphertext,
+                )
+            )
+        if self.drop_after_send:
+            self.drop_after_send = False
+            link.closing = True  # the answer is lost: the client must resend
+        else:
+            link.push(Sent(rid=message.rid, message_id=message.message_id, time_ms=time_ms))
+        self._push_queues()
+
+    def _seq(self) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
+
+    def _push_queues(self) -> None:
+        for link in self.links:
+            device = link.device
+            if device is None or link.closing:
+                continue
+            fresh = [i for i in device.queue if i.seq not in link.in_flight][:256]
+            if fresh:
+                link.in_flight.update(i.seq for i in fresh)
+                link.push(Deliver(items=tuple(fresh)))
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def token_owner(self, headers: Mapping[str, str]) -> tuple[str, str] | None:
+        value = headers.get("Authorization", "")
+        if not value.startswith("Bearer "):
+            return None
+        try:
+            token = b64url_decode(value[len("Bearer ") :], "token")
+        except ClientError:
+            return None
+        return self.tokens.get(token)
+
+    def enroll(self, body: Mapping[str, Any]) -> tuple[int, object]:
+        user = self.users.get(str(body.get("username")))
+        if user is None or user.code is None or body.get("code") != user.code:
+            return 403, {"error": {"code": "enrollment_failed", "message": "refused"}}
+        try:
+            identity_key = VerifyKey.from_text(str(body["identity_key"]))
+            device_cert = DeviceCertificate.decode(
+                b64url_decode(body["device_certificate"], "device_certificate")
+            )
+            user_cert = self.clinic.certify(
+                user.user_id, identity_key, role=user.role, display_name=user.display_name
+            )
+            identity = verify_device(user_cert, device_cert)
+            spk_bytes = b64url_decode(body["signed_prekey"], "signed_prekey")
+            SignedPrekey.decode(spk_bytes).verify(identity)
+            otks = [b64url_decode(o, "one_time_prekey") for o in body["one_time_prekeys"]]
+        except (CryptoError, ClientError, KeyError, TypeError):
+            return 400, {"error": {"code": "invalid_field", "message": "bad enrollment"}}
+        user.code = None
+        user.certificate = user_cert.encode()
+        user.devices[device_cert.device_id] = FakeDevice(
+            user.user_id,
+            device_cert.device_id,
+            device_cert.encode(),
+            device_cert.signing_key,
+            spk_bytes,
+            otks,
+        )
+        return 200, {
+            "username": user.user_id,
+            "device_id": device_cert.device_id,
+            "clinic": self.clinic.clinic_id,
+            "user_certificate": b64url(user_cert.encode()),
+            "issuing_certificate": b64url(self.clinic.issuing_certificate.encode()),
+            "root_key": self.clinic.root.verify_key.to_text(),
+            "server_time": self.now_ms(),
+        }
+
+
+def _error(code: ErrorCode, rid: int | None) -> Error:
+    return Error(code=code, message=f"refused: {code.value}", rid=rid)
+
+
+class FakeHttp:
+    """The relay's HTTP endpoints as an `HttpClient`."""
+
+    def __init__(self, relay: FakeRelay) -> None:
+        self._relay = relay
+        self.requests: list[tuple[str, str]] = []
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        max_response_bytes: int = 64 * 1024,
+    ) -> Deferred[HttpResponse]:
+        relay = self._relay
+        path = urlsplit(url).path
+        self.requests.append((method, path))
+        if relay.down:
+            return fail(ClientError(LocalCode.SERVER_UNREACHABLE, "cannot connect (fake)"))
+        headers = headers or {}
+        if method == "POST" and path == "/v1/enroll":
+            status, answer = relay.enroll(json.loads(body or b"{}"))
+            return succeed(_json(status, answer))
+        if path.startswith("/v1/blobs"):
+            if relay.token_owner(headers) is None:
+                return succeed(
+                    _json(401, {"error": {"code": "not_authenticated", "message": "no"}})
+                )
+            if method == "POST" and path == "/v1/blobs":
+                blob_id = relay.rng(16).hex()
+                relay.blobs[blob_id] = body or b""
+                return succeed(_json(201, {"blob_id": blob_id}))
+            if method == "GET":
+                data = relay.blobs.get(unquote(path[len("/v1/blobs/") :]))
+                if data is None:
+                    return succeed(_json(404, {"error": {"code": "not_found", "message": "no"}}))
+                if len(data) > max_response_bytes:
+                    return fail(ClientError(LocalCode.BAD_SERVER_ANSWER, "too large"))
+                return succeed(HttpResponse(200, data, "application/octet-stream"))
+        return succeed(_json(404, {"error": {"code": "not_found", "message": "no such path"}}))
+
+
+def _json(status: int, value: object) -> HttpResponse:
+    return HttpResponse(status, json.dumps(value).encode(), "application/json")
+
+
+def run_until(
+    d: Deferred[_T], relay: FakeRelay, clock: Any, *, step_s: float = 0.1, max_steps: int = 2000
+) -> _T:
+    """Pump the relay and advance the fake clock until `d` fires; its result, or its error
+    raised. `clock` is a `twisted.internet.task.Clock`."""
+    results: list[object] = []
+    d.addBoth(results.append)
+    for _ in range(max_steps):
+        relay.pump()
+        if results:
+            break
+        clock.advance(step_s)
+    else:
+        raise AssertionError("the Deferred never fired")
+    result = results[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result  # type: ignore[return-value]
+
+
+# --- a whole test world -----------------------------------------------------------------------
+
+TEST_PASSPHRASE: Final = "correct horse battery staple"  # noqa: S105 (a test fixture)
+TEST_SERVER_URL: Final = "http://relay.test:8448"
+TEST_START_S: Final = 1_763_884_800.0
+
+
+class ClientWorld:
+    """A fake relay, a fake clock, a seeded random source and profiles under `root`: enough to
+    run engines (and the CLI) against each other in a unit test."""
+
+    def __init__(self, root: Path, *, seed: bytes = b"medrelay client tests") -> None:
+        self.root = root
+        self.clock = Clock()
+        self.clock.advance(TEST_START_S)
+        self.rng = seeded_rng(seed)
+        self.clinic = FakeClinic(self.rng)
+        self.relay = FakeRelay(self.clinic, self.clock, self.rng)
+        self.seal_params = SealParams.for_tests()
+
+    def run(self, d: Deferred[_T]) -> _T:
+        return run_until(d, self.relay, self.clock)
+
+    def profile_dir(self, user_id: str, name: str = "main") -> Path:
+        return self.root / f"{user_id}-{name}"
+
+    def enroll(
+        self,
+        user_id: str,
+        *,
+        role: Role = Role.DOCTOR,
+        passphrase: str = TEST_PASSPHRASE,
+        name: str = "main",
+    ) -> ProfileInfo:
+        code = f"CODE-{user_id}"
+        self.relay.add_user(user_id, code, role=role)
+        return self.run(
+            enroll(
+                profile_dir=self.profile_dir(user_id, name),
+                passphrase=passphrase,
+                server_url=TEST_SERVER_URL,
+                username=user_id,
+                code=code,
+                http=self.relay.http,
+                clock=self.clock,
+                rng=self.rng,
+                runner=inline_runner,
+                seal_params=self.seal_params,
+            )
+        )
+
+    def open(self, user_id: str, name: str = "main", passphrase: str = TEST_PASSPHRASE) -> Engine:
+        return self.run(
+            open_engine(
+                self.profile_dir(user_id, name),
+                passphrase,
+                reactor=self.clock,
+                clock=self.clock,
+                rng=self.rng,
+                runner=inline_runner,
+                http=self.relay.http,
+                dialer=self.relay.dialer,
+            )
+        )
+
+    def link_device(self, user_id: str, name: str, *, from_name: str = "main") -> ProfileInfo:
+        """Add another device to an enrolled user, certified by the same identity key, with its
+        own profile (protocol v1 has no linking flow yet: this stands in for it)."""
+        profile = self.run(
+            open_profile(
+                self.profile_dir(user_id, from_name),
+                TEST_PASSPHRASE,
+                runner=inline_runner,
+                rng=self.rng,
+            )
+        )
+        now = int(self.clock.seconds() * 1000)
+        new = generate_device(user_id, now, self.rng, identity_key=profile.secrets.identity_key)
+        self.run(profile.db.close())
+        signed = new.prekeys.current_signed_prekey
+        assert signed is not None  # noqa: S101
+        device_id = new.device.identity.device_id
+        self.relay.users[user_id].devices[device_id] = FakeDevice(
+            user_id,
+            device_id,
+            new.device_certificate.encode(),
+            new.device.signing_key.verify_key,
+            signed.encode(),
+            [r.encode() for r in new.prekeys.one_time_prekey_records()],
+        )
+        info = dataclasses.replace(
+            profile.info, device_id=device_id, device_certificate=new.device_certificate
+        )
+        header, key = new_key_derivation(TEST_PASSPHRASE, self.rng, self.seal_params)
+        conn = connect(self.profile_dir(user_id, name), create=True)
+        db = Database(conn, inline_runner)
+        sealer = Sealer(key, self.rng)
+
+        def write(txn: sqlite3.Connection) -> None:
+            create_schema_txn(txn, header)
+            write_enrollment_txn(
+                txn,
+                sealer,
+                info,
+                ProfileSecrets(new.identity_key, new.device),
+                new.prekeys,
+                next_one_time_prekey_id=ONE_TIME_PREKEYS + 1,
+                next_signed_prekey_id=2,
+            )
+
+        self.run(db.run_interaction("link_device", write))
+        self.run(db.close())
+        return info

@@ -1,0 +1,108 @@
+"""What the engine hands to a front end: plain frozen values with no crypto objects in them.
+
+Message text is health data: `MessageView` keeps it (and attachment names) out of its repr so a
+log line or a traceback cannot carry it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+KIND_FAILED: Final = "failed"
+KIND_EXPIRED: Final = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentView:
+    index: int
+    file_name: str = field(repr=False)
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    """A stored message, sent or received."""
+
+    message_id: bytes
+    sender_user: str
+    sender_device: str
+    peer_user: str
+    """The other party of the conversation (the recipient of our own messages)."""
+    outgoing: bool
+    thread_id: bytes
+    sent_at_ms: int
+    """The sender's signed clock."""
+    server_ms: int | None
+    """When the relay stored it (None while an outgoing message is unconfirmed)."""
+    status: str
+    text: str = field(repr=False)
+    attachments: tuple[AttachmentView, ...] = field(default=(), repr=False)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeView:
+    """An item that could not be shown as a message: `failed` (undecryptable or unverifiable;
+    `reason` says why) or `expired` (a message of ours that device `user_id/device_id` never
+    fetched)."""
+
+    kind: str
+    message_id: bytes
+    user_id: str
+    device_id: str
+    server_ms: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatus:
+    """The relay connection came up (`connected`) or went down (`retry_in_s` None: for good)."""
+
+    connected: bool
+    detail: str = ""
+    retry_in_s: float | None = None
+
+
+Event = MessageView | NoticeView | ConnectionStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SentMessage:
+    message_id: bytes
+    server_ms: int
+    recipient: str
+    devices: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    device_id: str
+    created_at_ms: int
+    this_device: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Whoami:
+    user_id: str
+    device_id: str
+    display_name: str
+    role: str
+    clinic_id: str
+    server_url: str
+    enrolled_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingFile:
+    file_name: str
+    media_type: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedAttachment:
+    file_name: str = field(repr=False)
+    media_type: str
+    data: bytes = field(repr=False)

@@ -1,0 +1,485 @@
+"""Protocol v1 message types: one frozen dataclass per frame type, validated by field codecs.
+
+Each frame body is a CBOR map holding "v" (the protocol version), "t" (the type) and the
+message's own fields under short wire keys. Requests from a client carry "rid", a client-chosen
+request id that the response (or an `error`) echoes. `decode_message` checks the direction: a
+server accepts only client-to-server types and a client only server-to-client types.
+
+The table in docs/protocol.md is the reference for every field; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+from medrelay.protocol import cbor
+from medrelay.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from medrelay.protocol.fields import (
+    UINT32_MAX,
+    Bytes,
+    Choice,
+    FieldError,
+    ListOf,
+    Nested,
+    Struct,
+    Text,
+    UInt,
+    invalid,
+    shown,
+    wire,
+)
+from medrelay.protocol.limits import (
+    CHALLENGE_SIZE,
+    MAX_ACKS_PER_FRAME,
+    MAX_CERTIFICATE_SIZE,
+    MAX_CIPHERTEXT_SIZE,
+    MAX_DEVICES_PER_USER,
+    MAX_ENVELOPES_PER_SEND,
+    MAX_ID_BYTES,
+    MAX_ITEMS_PER_DELIVER,
+    MAX_ONE_TIME_PREKEYS_PER_UPLOAD,
+    MAX_PREKEY_SIZE,
+    MESSAGE_ID_SIZE,
+    SIGNATURE_SIZE,
+    TOKEN_SIZE,
+)
+
+PROTOCOL_VERSION: Final = 1
+SUPPORTED_VERSIONS: Final = (1,)
+
+_RID = UInt(UINT32_MAX)
+_USER = Text(MAX_ID_BYTES, identifier=True)
+_DEVICE = Text(MAX_ID_BYTES, identifier=True)
+_MESSAGE_ID = Bytes(MESSAGE_ID_SIZE, MESSAGE_ID_SIZE)
+_TIME_MS = UInt()
+_CERTIFICATE = Bytes(MAX_CERTIFICATE_SIZE, 1)
+_PREKEY = Bytes(MAX_PREKEY_SIZE, 1)
+
+
+class Direction(enum.Enum):
+    CLIENT_TO_SERVER = "client-to-server"
+    SERVER_TO_CLIENT = "server-to-client"
+
+
+class Message(Struct):
+    """A frame type. Subclasses set TYPE and DIRECTION and declare their fields."""
+
+    __slots__ = ()
+    TYPE: ClassVar[str]
+    DIRECTION: ClassVar[Direction]
+    _extra_keys: ClassVar[tuple[str, ...]] = ("t", "v")
+
+
+# -- nested items ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRef(Struct):
+    """A (user, device) pair."""
+
+    user: str = wire("u", _USER)
+    device: str = wire("d", _DEVICE)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundEnvelope(Struct):
+    """One ciphertext of a `send`, for one target device."""
+
+    user: str = wire("u", _USER)
+    device: str = wire("d", _DEVICE)
+    ciphertext: bytes = wire("c", Bytes(MAX_CIPHERTEXT_SIZE, 1))
+
+
+class ItemKind(enum.StrEnum):
+    MESSAGE = "msg"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveredItem(Struct):
+    """One queued item pushed to a device.
+
+    kind "msg": an envelope; `user`/`device` are the sender, `ciphertext` is present.
+    kind "expired": a server notice that message `message_id` could not be delivered to
+    `user`/`device` before it expired; no ciphertext.
+    """
+
+    seq: int = wire("seq", UInt())
+    kind: str = wire("k", Choice(frozenset(ItemKind)))
+    message_id: bytes = wire("id", _MESSAGE_ID)
+    time_ms: int = wire("ts", _TIME_MS)
+    user: str = wire("u", _USER)
+    device: str = wire("d", _DEVICE)
+    ciphertext: bytes | None = wire("c", Bytes(MAX_CIPHERTEXT_SIZE, 1), optional=True)
+
+    def __post_init__(self) -> None:
+        if (self.kind == ItemKind.MESSAGE) != (self.ciphertext is not None):
+            raise ValueError("a 'msg' item carries a ciphertext and a notice does not")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBundle(Struct):
+    """What a sender needs to open a session with one device (crypto encodings, opaque here)."""
+
+    device: str = wire("d", _DEVICE)
+    certificate: bytes = wire("cert", _CERTIFICATE)
+    signed_prekey: bytes = wire("spk", _PREKEY)
+    one_time_prekey: bytes | None = wire("otk", _PREKEY, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEntry(Struct):
+    device: str = wire("d", _DEVICE)
+    certificate: bytes = wire("cert", _CERTIFICATE)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits(Struct):
+    """The server's limits, announced in `welcome`."""
+
+    max_frame: int = wire("frame", UInt(UINT32_MAX))
+    max_ciphertext: int = wire("ciphertext", UInt(UINT32_MAX))
+    max_envelopes: int = wire("envelopes", UInt(UINT32_MAX))
+    max_acks: int = wire("acks", UInt(UINT32_MAX))
+
+
+# -- client to server -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First frame of a connection: the versions the client speaks."""
+
+    TYPE: ClassVar[str] = "hello"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    versions: tuple[int, ...] = wire("versions", ListOf(UInt(255), 8, 1))
+    agent: str = wire("agent", Text(64))
+
+
+@dataclass(frozen=True, slots=True)
+class Auth(Message):
+    """Log in: the device's signature over the authentication transcript (see `auth_transcript`)."""
+
+    TYPE: ClassVar[str] = "auth"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    user: str = wire("user", _USER)
+    device: str = wire("device", _DEVICE)
+    signature: bytes = wire("sig", Bytes(SIGNATURE_SIZE, SIGNATURE_SIZE))
+
+
+@dataclass(frozen=True, slots=True)
+class Resume(Message):
+    """Log in again with the session token from an earlier `authenticated`."""
+
+    TYPE: ClassVar[str] = "resume"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    token: bytes = wire("token", Bytes(TOKEN_SIZE, TOKEN_SIZE))
+
+
+@dataclass(frozen=True, slots=True)
+class PrekeysPut(Message):
+    """Upload a new signed prekey and/or one-time prekeys."""
+
+    TYPE: ClassVar[str] = "prekeys_put"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    one_time_prekeys: tuple[bytes, ...] = wire(
+        "otks", ListOf(_PREKEY, MAX_ONE_TIME_PREKEYS_PER_UPLOAD)
+    )
+    signed_prekey: bytes | None = wire("spk", _PREKEY, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class BundleGet(Message):
+    """Fetch a prekey bundle for every device of a user (each one-time prekey is served once)."""
+
+    TYPE: ClassVar[str] = "bundle_get"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    user: str = wire("user", _USER)
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesGet(Message):
+    """List a user's devices and certificates."""
+
+    TYPE: ClassVar[str] = "devices_get"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    user: str = wire("user", _USER)
+
+
+@dataclass(frozen=True, slots=True)
+class Send(Message):
+    """One message, as one ciphertext per target device; `message_id` makes resends idempotent."""
+
+    TYPE: ClassVar[str] = "send"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    message_id: bytes = wire("id", _MESSAGE_ID)
+    envelopes: tuple[OutboundEnvelope, ...] = wire(
+        "env", ListOf(Nested(OutboundEnvelope), MAX_ENVELOPES_PER_SEND, 1)
+    )
+
+    def __post_init__(self) -> None:
+        targets = {(e.user, e.device) for e in self.envelopes}
+        if len(targets) != len(self.envelopes):
+            raise ValueError("two envelopes for the same device")
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """The device stored these items durably; the server may delete them."""
+
+    TYPE: ClassVar[str] = "ack"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    seqs: tuple[int, ...] = wire("seqs", ListOf(UInt(), MAX_ACKS_PER_FRAME, 1))
+
+
+# -- server to client -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """Answer to hello: the chosen version, the login challenge and the server's limits."""
+
+    TYPE: ClassVar[str] = "welcome"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    version: int = wire("version", UInt(255))
+    agent: str = wire("agent", Text(64))
+    clinic: str = wire("clinic", Text(MAX_ID_BYTES, identifier=True))
+    challenge: bytes = wire("challenge", Bytes(CHALLENGE_SIZE, CHALLENGE_SIZE))
+    time_ms: int = wire("time", _TIME_MS)
+    limits: Limits = wire("limits", Nested(Limits))  # noqa: RUF009 (a field declaration)
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated(Message):
+    """Login succeeded. After `auth` it carries a new session token; after `resume` it does not."""
+
+    TYPE: ClassVar[str] = "authenticated"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    user: str = wire("user", _USER)
+    device: str = wire("device", _DEVICE)
+    expires_ms: int = wire("expires", _TIME_MS)
+    token: bytes | None = wire("token", Bytes(TOKEN_SIZE, TOKEN_SIZE), optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PrekeysStored(Message):
+    TYPE: ClassVar[str] = "prekeys_stored"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    one_time_count: int = wire("otk_count", UInt(UINT32_MAX))
+
+
+@dataclass(frozen=True, slots=True)
+class PrekeysLow(Message):
+    """The server holds few one-time prekeys for this device; upload `wanted` more."""
+
+    TYPE: ClassVar[str] = "prekeys_low"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    remaining: int = wire("remaining", UInt(UINT32_MAX))
+    wanted: int = wire("wanted", UInt(UINT32_MAX))
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle(Message):
+    TYPE: ClassVar[str] = "bundle"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    user: str = wire("user", _USER)
+    user_certificate: bytes = wire("user_cert", _CERTIFICATE)
+    devices: tuple[DeviceBundle, ...] = wire(
+        "devices", ListOf(Nested(DeviceBundle), MAX_DEVICES_PER_USER)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceList(Message):
+    TYPE: ClassVar[str] = "device_list"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    user: str = wire("user", _USER)
+    user_certificate: bytes = wire("user_cert", _CERTIFICATE)
+    devices: tuple[DeviceEntry, ...] = wire(
+        "devices", ListOf(Nested(DeviceEntry), MAX_DEVICES_PER_USER)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Sent(Message):
+    """The message and all its envelopes are durably stored (or already were: a resend)."""
+
+    TYPE: ClassVar[str] = "sent"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    message_id: bytes = wire("id", _MESSAGE_ID)
+    time_ms: int = wire("time", _TIME_MS)
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver(Message):
+    """Queued items for this device, in queue order."""
+
+    TYPE: ClassVar[str] = "deliver"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    items: tuple[DeliveredItem, ...] = wire(
+        "items", ListOf(Nested(DeliveredItem), MAX_ITEMS_PER_DELIVER, 1)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A refused request (`rid` set) or a connection-level problem (no `rid`).
+
+    For `stale_devices`, `missing` lists current devices the send left out and `extra` the
+    addressed devices that are not current.
+    """
+
+    TYPE: ClassVar[str] = "error"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    code: str = wire("code", Text(64, identifier=True))
+    message: str = wire("message", Text(512))
+    rid: int | None = wire("rid", _RID, optional=True)
+    missing: tuple[DeviceRef, ...] | None = wire(
+        "missing", ListOf(Nested(DeviceRef), MAX_ENVELOPES_PER_SEND), optional=True
+    )
+    extra: tuple[DeviceRef, ...] | None = wire(
+        "extra", ListOf(Nested(DeviceRef), MAX_ENVELOPES_PER_SEND), optional=True
+    )
+
+
+MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Auth,
+        Resume,
+        PrekeysPut,
+        BundleGet,
+        DevicesGet,
+        Send,
+        Ack,
+        Welcome,
+        Authenticated,
+        PrekeysStored,
+        PrekeysLow,
+        Bundle,
+        DeviceList,
+        Sent,
+        Deliver,
+        Error,
+    )
+}
+
+
+def encode_body(message: Message, version: int = PROTOCOL_VERSION) -> bytes:
+    """The deterministic CBOR body of one frame."""
+    return cbor.encode(message.to_map({"t": message.TYPE, "v": version}))
+
+
+def decode_body(body: bytes, accept: Direction, version: int = PROTOCOL_VERSION) -> Message:
+    """Validate one frame body into a message travelling in direction `accept`.
+
+    Every refusal is a non-fatal `RemoteProtocolError` carrying the request id whenever the body
+    could be read as a map, so the connection can answer with an `error` frame and carry on.
+    """
+    try:
+        value = cbor.decode(body)
+    except cbor.BodyError as exc:
+        if type(exc.value) is dict:
+            exc.rid = _peek_rid(exc.value)
+        raise
+    if type(value) is not dict:
+        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "a frame body must be a CBOR map")
+    rid = _peek_rid(value)
+    frame_version = value.get("v")
+    if frame_version != version or type(frame_version) is not int:
+        raise RemoteProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"frame version {shown(frame_version)}; this connection speaks version {version}",
+            rid=rid,
+        )
+    type_name = value.get("t")
+    cls = MESSAGE_TYPES.get(type_name) if type(type_name) is str else None
+    if cls is None or cls.DIRECTION is not accept:
+        raise RemoteProtocolError(
+            ErrorCode.UNKNOWN_TYPE, f"unknown frame type {shown(type_name)}", rid=rid
+        )
+    try:
+        return cls.from_map(value)
+    except FieldError as exc:
+        exc.within(cls.TYPE).rid = rid
+        raise
+
+
+def _peek_rid(value: dict[Any, Any]) -> int | None:
+    rid = value.get("rid")
+    if type(rid) is int and 0 <= rid <= UINT32_MAX:
+        return rid
+    return None
+
+
+def check_outgoing(message: Message) -> None:
+    """Round-trip an outgoing message through validation: a bug here is a LocalProtocolError.
+
+    Fields holding values of the wrong Python type (a list where a tuple of structs belongs,
+    None in a required nested field...) are refused the same way rather than escaping as
+    TypeError or AttributeError.
+    """
+    try:
+        wire_map = message.to_map({"t": message.TYPE, "v": 0})
+    except (TypeError, AttributeError, ValueError) as exc:
+        raise LocalProtocolError(
+            ErrorCode.INVALID_FIELD,
+            f"{message.TYPE}: a field cannot be encoded ({type(exc).__name__})",
+        ) from None
+    try:
+        type(message).from_map(wire_map)
+    except FieldError as exc:
+        exc.within(message.TYPE)
+        raise LocalProtocolError(exc.code, exc.message) from None
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(exc.code, exc.message) from None
+
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "Ack",
+    "Auth",
+    "Authenticated",
+    "Bundle",
+    "BundleGet",
+    "Deliver",
+    "DeliveredItem",
+    "DeviceBundle",
+    "DeviceEntry",
+    "DeviceList",
+    "DeviceRef",
+    "DevicesGet",
+    "Direction",
+    "Error",
+    "Hello",
+    "ItemKind",
+    "Limits",
+    "Message",
+    "OutboundEnvelope",
+    "PrekeysLow",
+    "PrekeysPut",
+    "PrekeysStored",
+    "Resume",
+    "Send",
+    "Sent",
+    "Welcome",
+    "decode_body",
+    "encode_body",
+    "invalid",
+]

@@ -1,0 +1,1 @@
+"""medrelay.server: the Twisted services (transport, relay, identity, storage, metrics)."""

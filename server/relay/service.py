@@ -1,0 +1,473 @@
+"""The relay: logins, sends, acknowledgements, prekeys and delivery to connected devices.
+
+`RelayService` is the policy layer between transport adapters and storage. It holds the table of
+connected devices, feeds every write through the group-commit `WriteBatcher`, and pushes what a
+commit queued to the devices that are online. Time and randomness come from the injected clock
+and rng; storage is any `RelayStore`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from medrelay.crypto.errors import CryptoError
+from medrelay.crypto.keys import VerifyKey
+from medrelay.crypto.rng import Rng
+from medrelay.crypto.x3dh import OneTimePrekey, SignedPrekey
+from medrelay.protocol.auth import auth_transcript
+from medrelay.protocol.errors import ErrorCode
+from medrelay.protocol.limits import (
+    CHALLENGE_SIZE,
+    MAX_ACKS_PER_FRAME,
+    MAX_CIPHERTEXT_SIZE,
+    MAX_ENVELOPES_PER_SEND,
+    MAX_FRAME_SIZE,
+    TOKEN_SIZE,
+)
+from medrelay.protocol.messages import (
+    Auth,
+    Authenticated,
+    Bundle,
+    BundleGet,
+    DeviceBundle,
+    DeviceEntry,
+    DeviceList,
+    DevicesGet,
+    Limits,
+    Message,
+    PrekeysLow,
+    PrekeysPut,
+    PrekeysStored,
+    Resume,
+    Send,
+    Sent,
+)
+from medrelay.server.metrics import SEND_OUTCOMES, RelayMetrics
+from medrelay.server.relay.connection import ClientConnection, ConnectionTransport
+from medrelay.server.relay.delivery import DeliveryPump
+from medrelay.server.relay.errors import RelayError, unknown_user
+from medrelay.server.relay.groupcommit import WriteBatcher
+from medrelay.server.relay.store import (
+    BundleRecord,
+    DeviceListRecord,
+    DeviceRecord,
+    Envelope,
+    QueuedItem,
+    RelayStore,
+    SendAccepted,
+    SendPolicy,
+    SendRequest,
+    WriteLimits,
+)
+
+_log = Logger()
+
+
+def auth_failed() -> RelayError:
+    """The same answer for an unknown device and a bad signature (no oracle for devices)."""
+    return RelayError(
+        ErrorCode.AUTH_FAILED, "login refused: unknown device or bad signature", fatal=True
+    )
+
+
+def token_invalid() -> RelayError:
+    return RelayError(
+        ErrorCode.TOKEN_INVALID,
+        "the session token is unknown or expired; log in again",
+        fatal=True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """The relay's tunables (parsed from the server configuration)."""
+
+    clinic_id: str
+    ttl_s: int = 30 * 24 * 3600
+    queue_cap: int = 10_000
+    session_ttl_s: int = 30 * 24 * 3600
+    auth_timeout_s: float = 10.0
+    window_items: int = 256
+    window_bytes: int = 1024 * 1024
+    max_frame_size: int = MAX_FRAME_SIZE
+    prekey_low_water: int = 20
+    prekey_target: int = 100
+    expiry_interval_s: float = 60.0
+    expiry_batch: int = 1000
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_frame=self.max_frame_size,
+            max_ciphertext=MAX_CIPHERTEXT_SIZE,
+            max_envelopes=MAX_ENVELOPES_PER_SEND,
+            max_acks=MAX_ACKS_PER_FRAME,
+        )
+
+
+def send_digest(envelopes: Sequence[Envelope]) -> bytes:
+    """SHA-256 of the envelope set in canonical order: a resend must carry the same bytes.
+    Every field is length-prefixed, so no two different sets hash the same input."""
+    digest = hashlib.sha256()
+    for user, device, ciphertext in sorted(
+        (e.username, e.device_id, e.ciphertext) for e in envelopes
+    ):
+        for field in (user.encode(), device.encode(), ciphertext):
+            digest.update(len(field).to_bytes(4, "big"))
+            digest.update(field)
+    return digest.digest()
+
+
+def token_digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
+class RelayService(Service):
+    """Everything the connections share."""
+
+    agent: Final = "medrelay/0.1"
+
+    def __init__(
+        self,
+        *,
+        store: RelayStore,
+        clock: IReactorTime,
+        rng: Rng,
+        config: RelayConfig,
+        policy: SendPolicy,
+        metrics: RelayMetrics,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.rng = rng
+        self.config = config
+        self.clinic_id = config.clinic_id
+        self.metrics = metrics
+        self.batcher = WriteBatcher(
+            clock,
+            store,
+            WriteLimits(ttl_ms=config.ttl_s * 1000, queue_cap=config.queue_cap, policy=policy),
+            metrics,
+            on_notices=self._push,
+        )
+        self._online: dict[int, ClientConnection] = {}
+        # Metric children looked up once: `labels()` on every send is measurable at scale.
+        self._send_outcomes = {o: metrics.sends.labels(o) for o in SEND_OUTCOMES}
+        # End-of-turn work: items committed this turn, grouped per device, and connections
+        # with frames to write (see `flush_soon`).
+        self._pending_push: dict[int, list[QueuedItem]] = {}
+        self._dirty: list[ClientConnection] = []
+        self._end_of_turn: IDelayedCall | None = None
+        self._connections: set[ClientConnection] = set()
+        self._next_connection = 0
+        self._expiry = LoopingCall(self._expire)
+        self._expiry.clock = clock
+
+    # -- service life cycle ----------------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802 (Twisted's IService name)
+        super().startService()  # type: ignore[no-untyped-call]
+        self._expiry.start(self.config.expiry_interval_s, now=True)
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 (Twisted's IService name)
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._expiry.running:
+            self._expiry.stop()
+        for connection in list(self._connections):
+            connection.close_for(
+                "connection_lost", ErrorCode.SERVER_BUSY, "the server is shutting down"
+            )
+        return self.batcher.when_idle()
+
+    def _expire(self) -> None:
+        self.batcher.expire(self.config.expiry_batch)
+
+    def now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    # -- connections -----------------------------------------------------------------------
+
+    def new_connection(self, transport: ConnectionTransport) -> ClientConnection:
+        self._next_connection += 1
+        connection = ClientConnection(
+            self, transport, f"c{self._next_connection}", self.rng(CHALLENGE_SIZE)
+        )
+        self._connections.add(connection)
+        self.metrics.connections.labels("handshaking").inc()
+        connection.connection_made()
+        return connection
+
+    def connection_closed(self, connection: ClientConnection) -> None:
+        if connection not in self._connections:
+            return
+        self._connections.discard(connection)
+        device = connection.device
+        if device is not None and self._online.get(device.pk) is connection:
+            del self._online[device.pk]
+        state = "authenticated" if device is not None else "handshaking"
+        self.metrics.connections.labels(state).dec()
+
+    def new_pump(self, device: DeviceRecord, connection: ClientConnection) -> DeliveryPump:
+        return DeliveryPump(
+            device.pk,
+            self.store,
+            connection,
+            self.clock,
+            window_items=self.config.window_items,
+            window_bytes=self.config.window_bytes,
+            metrics=self.metrics,
+        )
+
+    def auth_timed_out(self) -> None:
+        self.metrics.auth_failures.labels("timeout").inc()
+
+    @property
+    def online_devices(self) -> int:
+        return len(self._online)
+
+    def disconnect_device(self, device_pk: int, code: ErrorCode, message: str) -> None:
+        """Close the live connection of a device (revocation)."""
+        connection = self._online.get(device_pk)
+        if connection is not None:
+            connection.close_for("revoked", code, message)
+
+    # -- login -----------------------------------------------------------------------------
+
+    def login(
+        self, connection: ClientConnection, message: Auth, challenge: bytes
+    ) -> Deferred[Message]:
+        d = self.store.get_device(message.user, message.device)
+
+        def check(device: DeviceRecord | None) -> Deferred[Message]:
+            if device is None:
+                self.metrics.auth_failures.labels("unknown_device").inc()
+                raise auth_failed()
+            if device.revoked:
+                self.metrics.auth_failures.labels("revoked").inc()
+                raise RelayError(ErrorCode.DEVICE_REVOKED, "this device was revoked", fatal=True)
+            transcript = auth_transcript(challenge, self.clinic_id, message.user, message.device)
+            try:
+                VerifyKey(device.signing_key).verify(transcript, message.signature)
+            except CryptoError:
+                self.metrics.auth_failures.labels("bad_signature").inc()
+                raise auth_failed() from None
+            token = self.rng(TOKEN_SIZE)
+            now_ms = self.now_ms()
+            expires_ms = now_ms + self.config.session_ttl_s * 1000
+            saved = self.store.create_session(device.pk, token_digest(token), now_ms, expires_ms)
+            return saved.addCallback(
+                lambda _: self._logged_in(connection, device, message.rid, expires_ms, token)
+            )
+
+        return d.addCallback(check)
+
+    def resume(self, connection: ClientConnection, message: Resume) -> Deferred[Message]:
+        now_ms = self.now_ms()
+        d = self.store.get_session(token_digest(message.token), now_ms)
+
+        def check(device: DeviceRecord | None) -> Message:
+            if device is None:
+                self.metrics.auth_failures.labels("token_invalid").inc()
+                raise token_invalid()
+            # The token's own expiry is in the store; the answer reports the session TTL bound.
+            return self._logged_in(
+                connection, device, message.rid, now_ms + self.config.session_ttl_s * 1000, None
+            )
+
+        return d.addCallback(check)
+
+    def _logged_in(
+        self,
+        connection: ClientConnection,
+        device: DeviceRecord,
+        rid: int,
+        expires_ms: int,
+        token: bytes | None,
+    ) -> Message:
+        previous = self._online.get(device.pk)
+        if previous is not None and previous is not connection:
+            previous.close_for(
+                "replaced",
+                ErrorCode.SESSION_REPLACED,
+                "this device logged in on another connection",
+            )
+        self._online[device.pk] = connection
+        self.metrics.connections.labels("handshaking").dec()
+        self.metrics.connections.labels("authenticated").inc()
+        connection.logged_in(device)
+        answer = Authenticated(
+            rid=rid, user=device.username, device=device.device_id, expires_ms=expires_ms,
+            token=token,
+        )  # fmt: skip
+        # Queued items go out right after the answer (the pump starts on the next turn).
+        self.clock.callLater(0, self._start_delivery, connection)
+        self._check_prekeys(device)
+        return answer
+
+    def _start_delivery(self, connection: ClientConnection) -> None:
+        if connection.pump is not None and connection.device is not None:
+            connection.pump.start()
+
+    def _check_prekeys(self, device: DeviceRecord) -> None:
+        def check(count: int) -> None:
+            connection = self._online.get(device.pk)
+            if connection is not None and count < self.config.prekey_low_water:
+                connection.send_notice(
+                    PrekeysLow(remaining=count, wanted=self.config.prekey_target - count)
+                )
+
+        self.store.one_time_prekey_count(device.pk).addCallback(check).addErrback(
+            lambda f: _log.failure("counting prekeys failed", f)
+        )
+
+    # -- requests --------------------------------------------------------------------------
+
+    def send(self, device: DeviceRecord, message: Send) -> Deferred[Message]:
+        envelopes = tuple(Envelope(e.user, e.device, e.ciphertext) for e in message.envelopes)
+        request = SendRequest(
+            sender=device,
+            message_id=message.message_id,
+            envelopes=envelopes,
+            digest=send_digest(envelopes),
+        )
+
+        def stored(outcome: SendAccepted | RelayError) -> Message:
+            if isinstance(outcome, RelayError):
+                counter = self._send_outcomes.get(outcome.code.value)
+                (counter or self.metrics.sends.labels(outcome.code.value)).inc()
+                raise outcome
+            if outcome.duplicate:
+                self._send_outcomes["duplicate"].inc()
+            else:
+                self._send_outcomes["stored"].inc()
+                self.metrics.envelopes_received.inc(len(outcome.items))
+                self._push(outcome.items)
+            return Sent(rid=message.rid, message_id=message.message_id, time_ms=outcome.time_ms)
+
+        return self.batcher.send(request).addCallback(stored)
+
+    def _push(self, items: Sequence[QueuedItem]) -> None:
+        """Offer freshly committed items to the devices that are online, at the end of this
+        reactor turn, so that everything one commit queued for a device goes out (and is
+        acknowledged) together."""
+        for item in items:
+            if item.device_pk in self._online:
+                self._pending_push.setdefault(item.device_pk, []).append(item)
+        if self._pending_push:
+            self._schedule_end_of_turn()
+
+    def flush_soon(self, connection: ClientConnection) -> None:
+        """`connection` queued frames: write them at the end of this reactor turn."""
+        self._dirty.append(connection)
+        self._schedule_end_of_turn()
+
+    def _schedule_end_of_turn(self) -> None:
+        if self._end_of_turn is None:
+            self._end_of_turn = self.clock.callLater(0, self.run_end_of_turn)
+
+    def run_end_of_turn(self) -> None:
+        """Push this turn's committed items, then write every connection's queued frames."""
+        self._end_of_turn = None
+        pushes, self._pending_push = self._pending_push, {}
+        for device_pk, items in pushes.items():
+            connection = self._online.get(device_pk)
+            if connection is not None:
+                connection.offer(items)
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            connection.flush()
+
+    def acknowledge(self, device: DeviceRecord, seqs: Sequence[int], delivered: int) -> None:
+        self.batcher.ack(device.pk, tuple(seqs))
+        if delivered:
+            self.metrics.envelopes_delivered.inc(delivered)
+
+    def bundle(self, device: DeviceRecord, message: BundleGet) -> Deferred[Message]:
+        def answer(record: BundleRecord | None) -> Message:
+            if record is None:
+                raise unknown_user(message.user)
+            for entry in record.devices:
+                connection = self._online.get(entry.device_pk)
+                if connection is not None and entry.remaining_one_time < (
+                    self.config.prekey_low_water
+                ):
+                    connection.send_notice(
+                        PrekeysLow(
+                            remaining=entry.remaining_one_time,
+                            wanted=self.config.prekey_target - entry.remaining_one_time,
+                        )
+                    )
+            return Bundle(
+                rid=message.rid,
+                user=record.username,
+                user_certificate=record.user_certificate,
+                devices=tuple(
+                    DeviceBundle(
+                        device=e.device_id,
+                        certificate=e.certificate,
+                        signed_prekey=e.signed_prekey,
+                        one_time_prekey=e.one_time_prekey,
+                    )
+                    for e in record.devices
+                ),
+            )
+
+        return self.store.take_bundles(message.user).addCallback(answer)
+
+    def devices(self, device: DeviceRecord, message: DevicesGet) -> Deferred[Message]:
+        def answer(record: DeviceListRecord | None) -> Message:
+            if record is None:
+                raise unknown_user(message.user)
+            return DeviceList(
+                rid=message.rid,
+                user=record.username,
+                user_certificate=record.user_certificate,
+                devices=tuple(
+                    DeviceEntry(device=d.device_id, certificate=d.certificate)
+                    for d in record.devices
+                ),
+            )
+
+        return self.store.list_devices(message.user).addCallback(answer)
+
+    def put_prekeys(self, device: DeviceRecord, message: PrekeysPut) -> Deferred[Message]:
+        try:
+            self._validate_prekeys(device, message)
+        except RelayError as exc:
+            return _failed(exc)
+        d = self.store.put_prekeys(
+            device.pk, message.signed_prekey, message.one_time_prekeys, self.now_ms()
+        )
+        return d.addCallback(lambda count: PrekeysStored(rid=message.rid, one_time_count=count))
+
+    def _validate_prekeys(self, device: DeviceRecord, message: PrekeysPut) -> None:
+        """Refuse prekeys that would make session setup fail for every sender: a signed
+        prekey not signed by this device, or keys that do not parse."""
+        try:
+            if message.signed_prekey is not None:
+                signed = SignedPrekey.decode(message.signed_prekey)
+                if (signed.user_id, signed.device_id) != (device.username, device.device_id):
+                    raise RelayError(
+                        ErrorCode.INVALID_FIELD, "prekeys_put.spk: belongs to another device"
+                    )
+                VerifyKey(device.signing_key).verify(signed.signed_bytes(), signed.signature)
+            for raw in message.one_time_prekeys:
+                OneTimePrekey.decode(raw)
+        except CryptoError as exc:
+            raise RelayError(
+                ErrorCode.INVALID_FIELD, f"prekeys_put: invalid prekey ({exc.code})"
+            ) from None
+
+
+def _failed(error: RelayError) -> Deferred[Message]:
+    d: Deferred[Message] = Deferred()
+    d.errback(error)
+    return d

@@ -1,0 +1,1 @@
+"""medrelay.server.transport: adapters between the network (WebSocket, HTTP) and the relay."""

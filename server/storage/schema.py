@@ -208,5 +208,67 @@ blobs: Final = sa.Table(
     sa.Index(None, "expires_at"),
 )
 
+chain_heads: Final = sa.Table(
+    "chain_heads",
+    metadata,
+    # One row per append-only chain ("audit", "transparency"): appending updates this row first,
+    # and that row lock serialises appenders on PostgreSQL (SQLite has one writer anyway), so two
+    # transactions can never both extend the same head.
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("head_hash", sa.LargeBinary, nullable=False),
+)
+
+audit_log: Final = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("at", Millis, nullable=False),
+    # Who acted: a username, or "operator" for a server command run on the host.
+    sa.Column("actor", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    # What was acted on: a username, "username/device", or "" (never names, codes or health data).
+    sa.Column("target", sa.String(200), nullable=False),
+    sa.Column("result", sa.String(16), nullable=False),
+    sa.Column("detail", sa.String(500), nullable=False),
+    # SHA-256 over the previous record's hash and this record's canonical encoding.
+    sa.Column("prev_hash", sa.LargeBinary, nullable=False),
+    sa.Column("record_hash", sa.LargeBinary, nullable=False),
+    sa.Index(None, "at"),
+)
+
+log_entries: Final = sa.Table(
+    "log_entries",
+    metadata,
+    # The leaf index in the transparency log (0-based, dense, assigned under the chain head lock).
+    sa.Column("leaf_index", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("user_id", sa.String(64), nullable=False),
+    sa.Column("user_seq", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String(24), nullable=False),
+    # The canonical event encoding (medrelay.crypto.transparency): the Merkle leaf's data.
+    sa.Column("event", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.UniqueConstraint("user_id", "user_seq"),
+)
+
+care_links: Final = sa.Table(
+    "care_links",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("patient_pk", sa.Integer, sa.ForeignKey("accounts.pk"), nullable=False),
+    sa.Column("clinician_pk", sa.Integer, sa.ForeignKey("accounts.pk"), nullable=False),
+    # The in-person visit that founded the link, as an ISO date (YYYY-MM-DD, clinic calendar).
+    sa.Column("visit_date", sa.String(10), nullable=False),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.Column("created_by", sa.String(64), nullable=False),
+    # The link is active while created_at <= now < ends_at and it was not ended early.
+    sa.Column("ends_at", Millis, nullable=False),
+    sa.Column("ended_at", Millis, nullable=True),
+    sa.Column("ended_by", sa.String(64), nullable=True),
+    sa.Index(None, "patient_pk", "clinician_pk"),
+    sa.Index(None, "clinician_pk"),
+)
+
+
 ALL_TABLES: Final = tuple(metadata.sorted_tables)
 """Every table, parents before children (creation order; reverse it to delete)."""

@@ -5,22 +5,35 @@ same tests against all of them.
 
 The hot path is `apply_writes`: the sends and acknowledgements gathered during one reactor turn
 are applied in ONE transaction (group commit). Every check a send needs (addressed users exist,
-the policy allows it, the device set is current, no queue is full, the id is new) happens inside
-that transaction, so a device added or revoked concurrently can never be half-addressed. A
-refused send does not affect the others of its batch.
+the policy table allows it given each recipient's role and care link, the device set is current,
+no queue is full, the id is new) happens inside that transaction, so a device added or revoked,
+or a care link ended, concurrently can never be half-applied. A refused send does not affect the
+others of its batch. Both stores judge a recipient with `send_refusal` (`medrelay.server.policy`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
-from medrelay.protocol.errors import ErrorCode
+from medrelay.crypto.certificates import Role
 from medrelay.protocol.messages import ItemKind
+from medrelay.server.policy import (
+    Decision,
+    LinkSpan,
+    PairState,
+    Relationship,
+    RequestType,
+    Standing,
+    decide,
+    pair_state,
+    refusal,
+)
 from medrelay.server.relay.errors import (
     RelayError,
     id_conflict,
@@ -92,8 +105,33 @@ class SendAccepted:
 
 SendOutcome = SendAccepted | RelayError
 
-SendPolicy = Callable[[str, str], RelayError | None]
-"""(sender role, recipient role) -> a refusal, or None when the send is allowed."""
+
+@functools.cache
+def _send_decision(sender_role: str, role: str, relationship: Relationship, own: bool) -> Decision:
+    # Memoised: this runs for every recipient of every send, and the table never changes.
+    return decide(RequestType.SEND, Role(sender_role), Role(role), relationship, own_account=own)
+
+
+def send_refusal(
+    sender: DeviceRecord, username: str, role: str, *, closed: bool, state: PairState
+) -> RelayError | None:
+    """The policy table's verdict on `sender` writing to user `username` (of `role`; `closed`
+    when the account is revoked; `state` from the pair's care links). The sender's own account
+    (copies for its other devices) is decided too: closed, it is refused."""
+    relationship = Relationship.REVOKED if closed else state.relationship
+    own = username == sender.username
+    decision = _send_decision(sender.role, role, relationship, own)
+    if decision is Decision.ALLOWED:
+        return None
+    return refusal(
+        decision,
+        RequestType.SEND,
+        Role(sender.role),
+        Role(role),
+        target_name=username,
+        ended_ms=state.ended_ms,
+        own_account=own,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +161,6 @@ class WriteLimits:
 
     ttl_ms: int
     queue_cap: int
-    policy: SendPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +227,11 @@ class RelayStore(Protocol):
 
     def list_devices(self, username: str) -> Deferred[DeviceListRecord | None]: ...
 
+    def standing(self, requester: str, username: str, now_ms: int) -> Deferred[Standing | None]:
+        """User `username` as the policy sees it from `requester` (role, closed or not, their
+        care-link relationship at `now_ms`), or None without such an account."""
+        ...
+
 
 # -- the in-memory implementation -----------------------------------------------------------
 
@@ -200,6 +242,7 @@ class _Account:
     role: str
     user_certificate: bytes
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
+    closed: bool = False
 
 
 @dataclass
@@ -223,6 +266,8 @@ class InMemoryRelayStore:
         self._next_seq = itertools.count(1)
         self._next_pk = itertools.count(1)
         self._notice_ttl_ms = 0
+        self._links: dict[tuple[str, str], list[LinkSpan]] = {}
+        """(patient, clinician) -> when each of their care links was in force."""
 
     # Test set-up helpers (the SQL store gets these rows from enrollment).
 
@@ -268,6 +313,25 @@ class InMemoryRelayStore:
         account.devices[device_id] = revoked
         self._devices_by_pk[record.pk] = revoked
 
+    def revoke_account(self, username: str) -> None:
+        """Close the account and revoke its devices (as `devices.revoke_account_txn`)."""
+        self._accounts[username].closed = True
+        for device_id, record in list(self._accounts[username].devices.items()):
+            if not record.revoked:
+                self.revoke_device(username, device_id)
+
+    def add_care_link(self, patient: str, clinician: str, *, start_ms: int, ends_ms: int) -> None:
+        """A care link in force from `start_ms` until `ends_ms` (as `care.create_link_txn`
+        would record it, without its checks)."""
+        self._links.setdefault((patient, clinician), []).append(LinkSpan(start_ms, ends_ms))
+
+    def end_care_link(self, patient: str, clinician: str, now_ms: int) -> None:
+        """End the pair's links that are in force at `now_ms` (as `care.end_link_txn`)."""
+        spans = self._links.get((patient, clinician), [])
+        self._links[(patient, clinician)] = [
+            LinkSpan(s.start_ms, now_ms) if s.start_ms <= now_ms < s.end_ms else s for s in spans
+        ]
+
     def queue_of(self, device_pk: int) -> list[QueuedItem]:
         return [self._queues[device_pk][s] for s in sorted(self._queues[device_pk])]
 
@@ -300,10 +364,14 @@ class InMemoryRelayStore:
             return SendAccepted(time_ms=time_ms, items=(), duplicate=True)
         users = {e.username for e in send.envelopes} | {sender.username}
         for username in sorted(users):
-            if username not in self._accounts:
+            account = self._accounts.get(username)
+            if account is None:
                 return unknown_user(username)
-            refusal = limits.policy(sender.role, self._accounts[username].role)
-            if refusal is not None and username != sender.username:
+            state = pair_state(self._links, sender.username, username, now_ms)
+            refusal = send_refusal(
+                sender, username, account.role, closed=account.closed, state=state
+            )
+            if refusal is not None:
                 return refusal
         addressed = {(e.username, e.device_id) for e in send.envelopes}
         current = {
@@ -404,7 +472,7 @@ class InMemoryRelayStore:
 
     def take_bundles(self, username: str) -> Deferred[BundleRecord | None]:
         account = self._accounts.get(username)
-        if account is None:
+        if account is None or account.closed:
             return succeed(None)
         devices = []
         for record in self._active_devices(username).values():
@@ -424,7 +492,7 @@ class InMemoryRelayStore:
 
     def list_devices(self, username: str) -> Deferred[DeviceListRecord | None]:
         account = self._accounts.get(username)
-        if account is None:
+        if account is None or account.closed:
             return succeed(None)
         return succeed(
             DeviceListRecord(
@@ -432,9 +500,12 @@ class InMemoryRelayStore:
             )
         )
 
-
-def forbid_patient_to_patient(sender_role: str, recipient_role: str) -> RelayError | None:
-    """The minimal policy until care relationships exist: patients never write to patients."""
-    if sender_role == "patient" and recipient_role == "patient":
-        return RelayError(ErrorCode.FORBIDDEN, "patients cannot write to other patients")
-    return None
+    def standing(self, requester: str, username: str, now_ms: int) -> Deferred[Standing | None]:
+        account = self._accounts.get(username)
+        if account is None:
+            return succeed(None)
+        if account.closed:
+            state = PairState(Relationship.REVOKED)
+        else:
+            state = pair_state(self._links, requester, username, now_ms)
+        return succeed(Standing(username, Role(account.role), state))

@@ -3,8 +3,10 @@
 The hot path is `apply_writes_txn`: every send and acknowledgement gathered during one reactor
 turn is applied in one transaction with a handful of set-based statements, not a few statements
 per send. Each send is judged in Python against rows read once for the whole batch (accounts,
-current devices with their queue counts, already-stored message ids); refused sends write nothing
-and do not affect the others; accepted ones are inserted with one multi-row INSERT per table.
+the care links between the batch's patients and the other users, current devices with their
+queue counts, already-stored message ids), with the policy table (`send_refusal`); refused sends
+write nothing and do not affect the others; accepted ones are inserted with one multi-row INSERT
+per table.
 With group commit the database is rarely the limit on SQLite; the CPU spent building and running
 statements is, so the number of statements per batch, not per message, is what this file keeps
 small.
@@ -29,7 +31,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred
 
+from medrelay.crypto.certificates import Role
 from medrelay.protocol.messages import ItemKind
+from medrelay.server.policy import LinkSpan, Standing, pair_state
 from medrelay.server.relay.errors import (
     id_conflict,
     queue_full,
@@ -48,14 +52,17 @@ from medrelay.server.relay.store import (
     WriteBatch,
     WriteLimits,
     WriteResult,
+    send_refusal,
 )
 from medrelay.server.storage import accounts as accounts_store
+from medrelay.server.storage import care as care_store
 from medrelay.server.storage import devices as devices_store
 from medrelay.server.storage import prekeys as prekeys_store
 from medrelay.server.storage import queue as queue_store
 from medrelay.server.storage.database import Database
 from medrelay.server.storage.schema import accounts, devices, messages, queue_items
 
+_PATIENT: Final = Role.PATIENT.value
 _CHUNK: Final = 500
 """Bound values per IN list, well under SQLite's variable limit."""
 
@@ -107,7 +114,11 @@ class _BatchView:
     """What the batch's sends are judged against, read once and updated as sends are accepted."""
 
     roles: dict[str, str]
-    """Active accounts among the addressed users: username -> role."""
+    """Accounts among the addressed users (active or closed): username -> role."""
+    closed: set[str]
+    """The closed (revoked) ones among them."""
+    links: dict[tuple[str, str], list[LinkSpan]]
+    """(patient, other user) -> the spans of their care links, for the batch's patients."""
     current: dict[str, dict[str, int]]
     """username -> {device_id: device pk} of active devices."""
     queued: dict[int, int]
@@ -121,14 +132,17 @@ def _read_view(conn: Connection, sends: Sequence[SendRequest]) -> _BatchView:
         {e.username for s in sends for e in s.envelopes} | {s.sender.username for s in sends}
     )
     roles: dict[str, str] = {}
+    closed: set[str] = set()
     current: dict[str, dict[str, int]] = {}
     queued: dict[int, int] = {}
     for start in range(0, len(names), _CHUNK):
         chunk = names[start : start + _CHUNK]
         for username, role, status in conn.execute(_ACCOUNTS, {"names": chunk}):
+            roles[username] = role
             if status == "active":
-                roles[username] = role
                 current.setdefault(username, {})
+            else:
+                closed.add(username)
         for username, device_id, pk, count in conn.execute(_DEVICES, {"names": chunk}):
             current.setdefault(username, {})[device_id] = pk
             queued[pk] = count
@@ -142,10 +156,17 @@ def _read_view(conn: Connection, sends: Sequence[SendRequest]) -> _BatchView:
             key = (sender_pk, bytes(message_id))
             if key in wanted:
                 stored[key] = (bytes(digest), int(created))
-    return _BatchView(roles=roles, current=current, queued=queued, stored=stored)
+    # Care links matter only where a patient is involved: one query for the batch's patients.
+    patients = [name for name, role in roles.items() if role == _PATIENT]
+    links = care_store.pair_spans_txn(conn, patients, roles) if patients else {}
+    return _BatchView(
+        roles=roles, closed=closed, links=links, current=current, queued=queued, stored=stored
+    )
 
 
-def _judge(send: SendRequest, view: _BatchView, limits: WriteLimits) -> SendOutcome | list[int]:
+def _judge(
+    send: SendRequest, view: _BatchView, limits: WriteLimits, now_ms: int
+) -> SendOutcome | list[int]:
     """A refusal or duplicate outcome, or the target device pks (in envelope order) to store."""
     sender = send.sender
     earlier = view.stored.get((sender.pk, send.message_id))
@@ -159,10 +180,10 @@ def _judge(send: SendRequest, view: _BatchView, limits: WriteLimits) -> SendOutc
         role = view.roles.get(username)
         if role is None:
             return unknown_user(username)
-        if username != sender.username:
-            refusal = limits.policy(sender.role, role)
-            if refusal is not None:
-                return refusal
+        state = pair_state(view.links, sender.username, username, now_ms)
+        refusal = send_refusal(sender, username, role, closed=username in view.closed, state=state)
+        if refusal is not None:
+            return refusal
     addressed = {(e.username, e.device_id) for e in send.envelopes}
     current = {
         (u, d)
@@ -186,7 +207,7 @@ def _store_sends(
     view = _read_view(conn, sends)
     verdicts: list[SendOutcome | list[int]] = []
     for send in sends:
-        verdict = _judge(send, view, limits)
+        verdict = _judge(send, view, limits, now_ms)
         if isinstance(verdict, list):
             view.stored[(send.sender.pk, send.message_id)] = (send.digest, now_ms)
         verdicts.append(verdict)
@@ -468,6 +489,11 @@ class SqlRelayStore:
 
     def list_devices(self, username: str) -> Deferred[DeviceListRecord | None]:
         return self._db.run_interaction("list_devices", _list_devices_txn, username)
+
+    def standing(self, requester: str, username: str, now_ms: int) -> Deferred[Standing | None]:
+        return self._db.run_interaction(
+            "standing", care_store.standing_txn, requester, username, now_ms
+        )
 
 
 __all__ = ["SqlRelayStore", "apply_writes_txn"]

@@ -49,6 +49,7 @@ def test_two_people_exchange_messages_both_ways_with_an_attachment(
 ) -> None:
     doctor = enroll(live, tmp_path, "dr.ivanova", "doctor")
     patient = enroll(live, tmp_path, "petrov", "patient")
+    live.link("petrov", "dr.ivanova")
     report = tmp_path / "lab-results.txt"
     report.write_text("creatinine 98 umol/L\n")
     patient.send("dr.ivanova", "my blood pressure is 150/95", "--file", str(report))
@@ -70,6 +71,7 @@ def test_an_offline_recipient_gets_everything_in_order_on_reconnect(
 ) -> None:
     doctor = enroll(live, tmp_path, "dr.ivanova", "doctor")
     patient = enroll(live, tmp_path, "petrov", "patient")
+    live.link("petrov", "dr.ivanova")
     texts = [f"reading {n}: {120 + n}/80" for n in range(5)]
     for text in texts:
         patient.send("dr.ivanova", text)
@@ -84,6 +86,7 @@ def test_a_server_killed_after_acknowledging_loses_nothing(
     restart between the acknowledgement and the delivery."""
     doctor = enroll(live, tmp_path, "dr.ivanova", "doctor")
     patient = enroll(live, tmp_path, "petrov", "patient")
+    live.link("petrov", "dr.ivanova")
     texts = [f"before the crash {n}" for n in range(3)]
     for text in texts:
         patient.send("dr.ivanova", text)  # returns only after the server's `sent`
@@ -155,6 +158,7 @@ def test_the_server_keeps_no_plaintext_in_its_database_or_logs(
 ) -> None:
     doctor = enroll(live, tmp_path, "dr.ivanova", "doctor")
     patient = enroll(live, tmp_path, "petrov", "patient")
+    live.link("petrov", "dr.ivanova")
     secret_text, secret_reply, secret_file = canary(), canary(), canary()
     attachment = tmp_path / "scan.txt"
     attachment.write_text(secret_file)

@@ -67,6 +67,11 @@ class LiveServer:
         code: str = json.loads(done.stdout)["enrollment_code"]
         return code
 
+    def link(self, patient: str, clinician: str, visit_date: str = "2025-01-10") -> None:
+        """A care link, so that the patient and the clinician may write to each other."""
+        done = self.command("admin", "link", patient, clinician, "--visit-date", visit_date)
+        assert done.returncode == 0, done.stderr
+
     def _serve_flags(self) -> list[str]:
         return [
             "--data-dir",

@@ -29,7 +29,7 @@ from medrelay.protocol.messages import (
 from medrelay.server.metrics import RelayMetrics
 from medrelay.server.relay.connection import ClientConnection
 from medrelay.server.relay.service import RelayConfig, RelayService
-from medrelay.server.relay.store import DeviceRecord, forbid_patient_to_patient
+from medrelay.server.relay.store import DeviceRecord
 
 CLINIC = "clinic.test"
 
@@ -152,7 +152,6 @@ class Relay:
             clock=self.clock,
             rng=seeded_rng(b"relay"),
             config=self.config,
-            policy=forbid_patient_to_patient,
             metrics=self.metrics,
         )
         self._keys = seeded_rng(b"device keys")

@@ -17,8 +17,10 @@ import sqlalchemy as sa
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from medrelay.crypto.certificates import Role
+from medrelay.server.policy import utc_date
 from medrelay.server.relay.store import DeviceRecord, InMemoryRelayStore, QueuedItem, RelayStore
-from medrelay.server.storage import accounts, devices, queue
+from medrelay.server.storage import accounts, care, devices, queue
 from medrelay.server.storage.database import Database, SynchronousRunner, make_engine
 from medrelay.server.storage.migrate import upgrade_to_head
 from medrelay.server.storage.relay_store import SqlRelayStore, _queued
@@ -57,6 +59,14 @@ class StoreWorld(Protocol):
 
     def revoke_device(self, username: str, device_id: str) -> None: ...
 
+    def revoke_account(self, username: str) -> None: ...
+
+    def add_care_link(self, patient: str, clinician: str, *, start_ms: int, ends_ms: int) -> None:
+        """A care link created at `start_ms` (after a visit that day), ending at `ends_ms`."""
+
+    def end_care_link(self, patient: str, clinician: str, now_ms: int) -> None:
+        """End the pair's active care link early, at `now_ms`."""
+
     def queue_of(self, device_pk: int) -> list[QueuedItem]: ...
 
 
@@ -73,6 +83,15 @@ class MemoryWorld:
 
     def revoke_device(self, username: str, device_id: str) -> None:
         self.memory.revoke_device(username, device_id)
+
+    def revoke_account(self, username: str) -> None:
+        self.memory.revoke_account(username)
+
+    def add_care_link(self, patient: str, clinician: str, *, start_ms: int, ends_ms: int) -> None:
+        self.memory.add_care_link(patient, clinician, start_ms=start_ms, ends_ms=ends_ms)
+
+    def end_care_link(self, patient: str, clinician: str, now_ms: int) -> None:
+        self.memory.end_care_link(patient, clinician, now_ms)
 
     def queue_of(self, device_pk: int) -> list[QueuedItem]:
         return self.memory.queue_of(device_pk)
@@ -144,6 +163,31 @@ class SqlWorld:
         if row is None:
             raise KeyError(f"{username}/{device_id}")
         self.run(devices.revoke_device_txn, row.pk, now_ms=_EPOCH_MS)
+
+    def revoke_account(self, username: str) -> None:
+        self.run(devices.revoke_account_txn, self._accounts[username], now_ms=_EPOCH_MS)
+
+    def add_care_link(self, patient: str, clinician: str, *, start_ms: int, ends_ms: int) -> None:
+        self.run(
+            care.create_link_txn,
+            patient=patient,
+            clinician=clinician,
+            visit_date=utc_date(start_ms),
+            created_by="operator",
+            actor_role=Role.ADMIN,
+            now_ms=start_ms,
+            ends_ms=ends_ms,
+        )
+
+    def end_care_link(self, patient: str, clinician: str, now_ms: int) -> None:
+        self.run(
+            care.end_link_txn,
+            patient=patient,
+            clinician=clinician,
+            ended_by="operator",
+            actor_role=Role.ADMIN,
+            now_ms=now_ms,
+        )
 
     def queue_of(self, device_pk: int) -> list[QueuedItem]:
         items = self.run(

@@ -18,11 +18,10 @@ from medrelay.server.relay.store import (
     SendRequest,
     WriteBatch,
     WriteLimits,
-    forbid_patient_to_patient,
 )
 
 NOW = 1_800_000_000_000
-LIMITS = WriteLimits(ttl_ms=3_600_000, queue_cap=5, policy=forbid_patient_to_patient)
+LIMITS = WriteLimits(ttl_ms=3_600_000, queue_cap=5)
 
 
 def request(
@@ -149,7 +148,7 @@ def test_many_acks_in_one_batch_are_all_applied(world: StoreWorld) -> None:
     world.add_account("bob", "doctor")
     alice = world.add_device("alice", "a1", signing_key=b"\x01" * 32)
     bob = world.add_device("bob", "b1", signing_key=b"\x02" * 32)
-    limits = WriteLimits(ttl_ms=3_600_000, queue_cap=10_000, policy=forbid_patient_to_patient)
+    limits = WriteLimits(ttl_ms=3_600_000, queue_cap=10_000)
     sends = tuple(request(alice, n, bob) for n in range(1200))
     result(world.store.apply_writes(WriteBatch(sends=sends), NOW, limits))
     seqs = tuple(i.seq for i in world.queue_of(bob.pk))

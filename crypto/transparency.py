@@ -415,9 +415,20 @@ def _apply(
 class LogAudit:
     size: int
     root_hash: bytes
-    users: int
-    active_devices: int
-    revoked_users: int
+    states: dict[str, UserState]
+    """Every user's state after the whole log."""
+
+    @property
+    def users(self) -> int:
+        return len(self.states)
+
+    @property
+    def active_devices(self) -> int:
+        return sum(len(state.devices) for state in self.states.values())
+
+    @property
+    def revoked_users(self) -> int:
+        return sum(state.revoked for state in self.states.values())
 
 
 def audit_log(events: Iterable[bytes], trust: ClinicTrust) -> LogAudit:
@@ -439,14 +450,10 @@ def audit_log(events: Iterable[bytes], trust: ClinicTrust) -> LogAudit:
             _check_clinic_key_event(event, trust, index)
         chain.append(event)
     chains.pop(CLINIC_SUBJECT, None)
-    states = [replay_user_events(subject, chain, trust) for subject, chain in chains.items()]
-    return LogAudit(
-        size=tree.size,
-        root_hash=tree.root(),
-        users=len(states),
-        active_devices=sum(len(state.devices) for state in states),
-        revoked_users=sum(state.revoked for state in states),
-    )
+    states = {
+        subject: replay_user_events(subject, chain, trust) for subject, chain in chains.items()
+    }
+    return LogAudit(size=tree.size, root_hash=tree.root(), states=states)
 
 
 def next_event_seq(previous: LogEvent | None) -> tuple[int, bytes | None]:

@@ -8,6 +8,8 @@
       log.key           the online log key (signs transparency-log checkpoints, later)
       log.cert          its ClinicKeyCertificate (purpose LOG), signed by the root key
       root-passphrase   only when the keys were made automatically on a first start
+      retired/          certificates of issuing and log keys rotated away (public; what they
+                        signed stays verifiable), named <purpose>-<serial>.cert
 
 Every file is 0600. The set is written atomically: into a fresh temporary directory, fsynced,
 then renamed into place, so a crash never leaves half a set and two processes racing to create
@@ -51,6 +53,8 @@ ISSUING_CERT: Final = "issuing.cert"
 LOG_KEY: Final = "log.key"
 LOG_CERT: Final = "log.cert"
 AUTO_PASSPHRASE: Final = "root-passphrase"  # noqa: S105 (a file name, not a secret)
+RETIRED_DIR: Final = "retired"
+MAX_RETIRED: Final = 32
 KEY_FILES: Final = (ROOT_SEALED, ROOT_PUBLIC, ISSUING_KEY, ISSUING_CERT, LOG_KEY, LOG_CERT)
 
 CLINIC_KEY_VALIDITY_MS: Final = 5 * 365 * 24 * 3600 * 1000
@@ -79,6 +83,12 @@ class ClinicKeys:
     log_certificate: ClinicKeyCertificate
     automatic: bool = False
     """The root key is sealed under a passphrase stored next to it (first-start keys)."""
+    retired: tuple[ClinicKeyCertificate, ...] = ()
+    """Certificates of issuing and log keys rotated away (still valid for what they signed)."""
+
+    def all_certificates(self) -> tuple[ClinicKeyCertificate, ...]:
+        """Every clinic key certificate, retired ones first: what clients may need to verify."""
+        return (*self.retired, self.issuing_certificate, self.log_certificate)
 
     def __repr__(self) -> str:
         return f"ClinicKeys({self.clinic_id!r}, root={self.root_key.to_text()})"
@@ -229,7 +239,71 @@ def load_clinic_keys(keys_dir: Path, *, clinic_id: str, now_ms: int) -> ClinicKe
         log_key=log,
         log_certificate=log_cert,
         automatic=(keys_dir / AUTO_PASSPHRASE).exists(),
+        retired=_load_retired(keys_dir, root_key, clinic_id),
     )
+
+
+def _load_retired(
+    keys_dir: Path, root_key: VerifyKey, clinic_id: str
+) -> tuple[ClinicKeyCertificate, ...]:
+    directory = keys_dir / RETIRED_DIR
+    if not directory.is_dir():
+        return ()
+    paths = sorted(directory.glob("*.cert"))
+    if len(paths) > MAX_RETIRED:
+        raise ClinicKeyError(f"{directory} holds more than {MAX_RETIRED} certificates")
+    retired = []
+    for path in paths:
+        try:
+            cert = ClinicKeyCertificate.decode(_read(directory, path.name))
+            # Checked at its own start: a retired key may have expired since.
+            verify_clinic_key(root_key, cert, cert.purpose, cert.not_before_ms)
+        except CryptoError as exc:
+            raise ClinicKeyError(f"{path} is not a certificate of this root key ({exc})") from None
+        if cert.clinic_id != clinic_id:
+            raise ClinicKeyError(f"{path} belongs to clinic {cert.clinic_id!r}")
+        retired.append(cert)
+    return tuple(retired)
+
+
+def rotate_clinic_key(
+    keys_dir: Path,
+    purpose: ClinicKeyPurpose,
+    *,
+    passphrase: str,
+    now_ms: int,
+    rng: Rng,
+) -> ClinicKeyCertificate:
+    """Replace the issuing or log key with a new one certified by the root key (unsealed with
+    `passphrase`); the old certificate moves to `retired/`, the old private key is deleted.
+    Returns the new certificate. The serving process uses the new key after a restart."""
+    root = open_root_key(keys_dir, passphrase)
+    key_file, cert_file = (
+        (ISSUING_KEY, ISSUING_CERT) if purpose is ClinicKeyPurpose.ISSUING else (LOG_KEY, LOG_CERT)
+    )
+    try:
+        old = ClinicKeyCertificate.decode(_read(keys_dir, cert_file))
+    except CryptoError as exc:
+        raise ClinicKeyError(f"the {purpose.value} certificate is damaged: {exc}") from None
+    new_key = SigningKey.generate(rng)
+    cert = issue_clinic_key_certificate(
+        root,
+        clinic_id=old.clinic_id,
+        purpose=purpose,
+        key=new_key.verify_key,
+        not_before_ms=max(0, now_ms - BACKDATE_MS),
+        not_after_ms=now_ms + CLINIC_KEY_VALIDITY_MS,
+        serial=random_serial(rng),
+    )
+    retired = keys_dir / RETIRED_DIR
+    ensure_private_directory(retired)
+    _write_file(retired, f"{purpose.value}-{old.serial}.cert", old.encode(), rng)
+    # Certificate last: a crash in between leaves a key whose certificate does not match,
+    # which `load_clinic_keys` reports (run the rotation again), never a silent mix.
+    _write_file(keys_dir, key_file, new_key.encode(), rng)
+    _write_file(keys_dir, cert_file, cert.encode(), rng)
+    _fsync_dir(keys_dir)
+    return cert
 
 
 def open_root_key(keys_dir: Path, passphrase: str) -> SigningKey:

@@ -13,8 +13,10 @@
    verification, so timing does not tell them apart either. A wrong code counts against the
    account (`record_enrollment_failure_txn`; at `max_attempts` the code is burned);
 3. issues the user certificate with the clinic issuing key and records everything with
-   `complete_enrollment_txn`, which consumes the code in the same transaction: on any failure
-   nothing is half-created, and of two concurrent enrollments with one code exactly one wins.
+   `complete_enrollment_txn`, which consumes the code in the same transaction, and appends the
+   `user_certified` and `device_added` events to the transparency log in that transaction too:
+   on any failure nothing is half-created, and of two concurrent enrollments with one code
+   exactly one wins.
 
 Enrollment codes: 12 characters of Crockford's base32 (60 random bits) shown as `XXXX-XXXX-XXXX`.
 What is hashed is the normalised code (upper case, without dashes and spaces), so a code typed in
@@ -46,6 +48,7 @@ from medrelay.crypto.errors import BadSignature, CryptoError
 from medrelay.crypto.identity import DeviceIdentity, check_id
 from medrelay.crypto.keys import SigningKey, VerifyKey
 from medrelay.crypto.rng import Rng
+from medrelay.crypto.transparency import EventKind
 from medrelay.crypto.x3dh import OneTimePrekey, SignedPrekey
 from medrelay.protocol.errors import ErrorCode
 from medrelay.protocol.limits import (
@@ -53,6 +56,7 @@ from medrelay.protocol.limits import (
     MAX_ONE_TIME_PREKEYS_PER_UPLOAD,
     MAX_PREKEY_SIZE,
 )
+from medrelay.server.audit import AuditAction, AuditResult, append_audit_txn
 from medrelay.server.clinic import BACKDATE_MS, ClinicKeys, random_serial
 from medrelay.server.config import EnrollmentSection
 from medrelay.server.hashing import PasswordWorker
@@ -62,6 +66,7 @@ from medrelay.server.storage import accounts
 from medrelay.server.storage.database import Database
 from medrelay.server.storage.devices import DeviceRow
 from medrelay.server.storage.errors import DeviceExists, EnrollmentConflict
+from medrelay.server.storage.transparency import append_events_txn
 
 _log = Logger()
 
@@ -407,9 +412,11 @@ class EnrollmentService:
         if not matches:
             attempts = await self._database.run_interaction(
                 "enrollment_failure",
-                accounts.record_enrollment_failure_txn,
+                _failure_txn,
                 pending.account_id,
+                request.username,
                 max_attempts=self._config.max_attempts,
+                now_ms=self.now_ms(),
             )
             _log.info(
                 "enrollment {request_id} refused: wrong code (attempt {attempts} of {max})",
@@ -473,6 +480,22 @@ class EnrollmentService:
         await self._worker.verify(self._dummy_hash, code)
 
 
+def _failure_txn(
+    conn: Connection, account_id: int, username: str, *, max_attempts: int, now_ms: int
+) -> int:
+    attempts = accounts.record_enrollment_failure_txn(conn, account_id, max_attempts=max_attempts)
+    append_audit_txn(
+        conn,
+        actor=username,
+        action=AuditAction.ENROLL,
+        target=username,
+        result=AuditResult.REFUSED,
+        now_ms=now_ms,
+        detail=f"wrong code (attempt {attempts} of {max_attempts})",
+    )
+    return attempts
+
+
 def _complete_txn(
     conn: Connection,
     *,
@@ -482,7 +505,7 @@ def _complete_txn(
     now_ms: int,
 ) -> DeviceRow:
     cert = request.device_certificate
-    return accounts.complete_enrollment_txn(
+    device = accounts.complete_enrollment_txn(
         conn,
         account_id=account_id,
         identity_key=request.identity_key.encode(),
@@ -494,3 +517,22 @@ def _complete_txn(
         one_time_prekeys=request.one_time_prekeys,
         now_ms=now_ms,
     )
+    # In the same transaction: a certificate the server hands out is always in the log.
+    append_events_txn(
+        conn,
+        request.username,
+        [
+            (EventKind.USER_CERTIFIED, user_certificate),
+            (EventKind.DEVICE_ADDED, request.device_certificate_bytes),
+        ],
+        now_ms,
+    )
+    append_audit_txn(
+        conn,
+        actor=request.username,
+        action=AuditAction.ENROLL,
+        target=f"{request.username}/{cert.device_id}",
+        result=AuditResult.OK,
+        now_ms=now_ms,
+    )
+    return device

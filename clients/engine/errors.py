@@ -27,12 +27,16 @@ class LocalCode(enum.StrEnum):
     SERVER_UNREACHABLE = "server_unreachable"
     BAD_SERVER_ANSWER = "bad_server_answer"
     PEER_UNVERIFIED = "peer_unverified"
+    LOG_CONFLICT = "log_conflict"
+    """The server's identity log contradicts what this device saw: a possible attack."""
     TIMEOUT = "timeout"
     CONNECTION_LOST = "connection_lost"
     INVALID_ARGUMENT = "invalid_argument"
     NOT_FOUND = "not_found"
     ATTACHMENT_INVALID = "attachment_invalid"
     NOT_SENT = "not_sent"
+    LINK_REFUSED = "link_refused"
+    """A device link was refused: the digits did not match, or someone answered no."""
     CLOSED = "closed"
 
 

@@ -74,6 +74,7 @@ from medrelay.clients.engine.store import (
     set_message_status_txn,
     set_thread_head_txn,
 )
+from medrelay.clients.engine.transparency import LogVerifier, load_own_devices_txn
 from medrelay.clients.engine.views import (
     AttachmentView,
     Event,
@@ -99,6 +100,7 @@ from medrelay.crypto.content import (
     MAX_ATTACHMENTS,
     MAX_TEXT_BYTES,
     Content,
+    LogView,
     SignedContent,
     content_hash,
     new_message_id,
@@ -117,6 +119,7 @@ from medrelay.crypto.sessions import (
     decrypt_from_device,
     encrypt_for_devices,
 )
+from medrelay.crypto.transparency import ClinicTrust, UserState
 from medrelay.crypto.x3dh import (
     OneTimePrekey,
     PrekeyBundle,
@@ -173,6 +176,8 @@ _log = Logger()
 _T = TypeVar("_T")
 
 Notify = Callable[[Event], None]
+Warn = Callable[[str, str, bytes, str], Deferred[None]]
+"""Record and show a security warning: (user, device, message id or 16 zero bytes, text)."""
 
 
 # --- the directory ----------------------------------------------------------------------------
@@ -191,16 +196,17 @@ class PeerUser:
 
 
 def verify_peer(
-    profile: OpenProfile,
+    trust: ClinicTrust,
     user_id: str,
     user_certificate: bytes,
     devices: Sequence[tuple[str, bytes]],
     at_ms: int,
 ) -> tuple[UserCertificate, dict[str, DeviceIdentity], dict[str, int]]:
-    """Verify a user's certificate and every device's chain to the pinned root."""
-    info = profile.info
+    """Verify a user's certificate and every device's chain to the pinned root (through any
+    issuing key the root certified)."""
     try:
         user = UserCertificate.decode(user_certificate)
+        issuing = trust.issuing_certificate(user.issuer_key_hash)
         if user.user_id != user_id:
             raise ClientError(
                 LocalCode.PEER_UNVERIFIED,
@@ -215,9 +221,7 @@ def verify_peer(
                     LocalCode.PEER_UNVERIFIED,
                     f"the server's device list for {user_id} is inconsistent",
                 )
-            verified = verify_device_chain(
-                info.root_key, info.issuing_certificate, user, cert, at_ms
-            )
+            verified = verify_device_chain(trust.root_key, issuing, user, cert, at_ms)
             identities[device_id] = verified.device
             created[device_id] = cert.created_at_ms
     except CryptoError as exc:
@@ -232,10 +236,19 @@ class Directory:
     """Verified identities of peers (and of our own other devices), cached in memory and in the
     profile."""
 
-    def __init__(self, profile: OpenProfile, connector: Connector, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        profile: OpenProfile,
+        connector: Connector,
+        clock: IReactorTime,
+        log: LogVerifier,
+        warn: Warn,
+    ) -> None:
         self._profile = profile
         self._connector = connector
         self._clock = clock
+        self._transparency = log
+        self._warn = warn
         self._cache: dict[str, PeerUser] = {}
 
     def cached(self, user_id: str) -> PeerUser | None:
@@ -248,9 +261,10 @@ class Directory:
                 return cached
             stored = await self._profile.db.run_interaction("load_peer", load_peer_txn, user_id)
             if stored is not None:
+                await self._transparency.load()
                 try:
                     cert, devices, created = verify_peer(
-                        self._profile,
+                        self._transparency.trust,
                         user_id,
                         stored.user_certificate,
                         stored.devices,
@@ -332,9 +346,16 @@ class Directory:
         if answered_user != user_id:
             raise ClientError(LocalCode.BAD_SERVER_ANSWER, "the server answered for another user")
         at_ms = now_ms(self._clock)
+        # The log first: its answer may bring clinic keys rotated in since (trust follows).
+        state = await self._transparency.user_state(user_id)
+        if user_id == self._profile.info.user_id:
+            await self._monitor_own(state)
         cert, identities, created = verify_peer(
-            self._profile, user_id, user_certificate, devices, at_ms
+            self._transparency.trust, user_id, user_certificate, devices, at_ms
         )
+        # The relay's list must be exactly what the transparency log proves: a key the log does
+        # not show, or a device the relay leaves out, is refused whole.
+        check_against_log(state, user_id, user_certificate, devices)
         identity_key = cert.identity_key.to_text()
         first = await self._profile.db.run_interaction(
             "save_peer",
@@ -348,6 +369,81 @@ class Directory:
         peer = PeerUser(user_id, cert, identities, created, first != identity_key)
         self._cache[user_id] = peer
         return peer
+
+    def log_view(self) -> LogView | None:
+        """Our transparency-log checkpoint, for the messages we sign."""
+        return self._transparency.view()
+
+    async def check_view(self, item: DeliveredItem, view: LogView) -> None:
+        """Report a sender's log view that conflicts with ours (a split view). A transient
+        failure is let go: the next message from anyone checks again."""
+        try:
+            warning = await self._transparency.check_view(view)
+        except ClientError as exc:
+            if exc.code is not LocalCode.LOG_CONFLICT:
+                _log.info("could not check a sender's log view: {code}", code=exc.code)
+                return
+            warning = exc.message
+        if warning is not None:
+            await self._warn(item.user, item.device, item.message_id, warning)
+
+    async def _monitor_own(self, state: UserState) -> None:
+        """Warn, once each, about what our own account's log shows that we did not do: a new
+        identity key certified for us (only the clinic's issuing key and the server are needed
+        for that: someone may be impersonating us), or a device we do not know."""
+        info = self._profile.info
+        own_identity = self._profile.secrets.identity_key.verify_key
+        if state.certificate.identity_key != own_identity:
+            await self._warn(
+                info.user_id,
+                "",
+                state.head_hash[:16],
+                "SECURITY WARNING: the clinic's log shows your account certified with an "
+                "identity key that is not yours; someone may be impersonating you: tell "
+                "clinic IT at once",
+            )
+        known = await self._profile.db.run_interaction(
+            "own_devices", load_own_devices_txn, info.device_id
+        )
+        for device_id in sorted(set(state.devices) - known):
+            await self._warn(
+                info.user_id,
+                device_id,
+                bytes(16),
+                f"SECURITY WARNING: device {device_id} was added to your account, but not "
+                "from this device; if you did not link it yourself, tell clinic IT at once",
+            )
+
+
+def check_against_log(
+    state: UserState,
+    user_id: str,
+    user_certificate: bytes,
+    devices: Sequence[tuple[str, bytes]],
+) -> None:
+    """Refuse a relay answer that differs from the user's state in the transparency log."""
+    if state.revoked:
+        raise ClientError(
+            LocalCode.PEER_UNVERIFIED, f"the account {user_id} is revoked; it cannot be used"
+        )
+    listed = dict(devices)
+    logged = {device_id: cert.encode() for device_id, cert in state.devices.items()}
+    if state.certificate.encode() != user_certificate or listed != logged:
+        unlogged = sorted(set(listed) - set(logged))
+        hidden = sorted(set(logged) - set(listed))
+        detail = ", ".join(
+            part
+            for part in (
+                f"devices not in the log: {', '.join(unlogged)}" if unlogged else "",
+                f"logged devices left out: {', '.join(hidden)}" if hidden else "",
+            )
+            if part
+        )
+        raise ClientError(
+            LocalCode.PEER_UNVERIFIED,
+            f"SECURITY WARNING: the server's keys for {user_id} differ from the transparency "
+            f"log ({detail or 'other certificates'}); refusing to use them: tell clinic IT",
+        )
 
 
 # --- sending ----------------------------------------------------------------------------------
@@ -655,7 +751,7 @@ class Messenger:
             recipients=(to_user,),
             sent_at_ms=sent_at_ms,
             previous_hash=get_thread_head_txn(conn, thread_id),
-            log_view=None,
+            log_view=self._directory.log_view(),
             kind=KIND_TEXT,
             text=text,
             attachments=tuple(descriptors),
@@ -982,18 +1078,22 @@ class Receiver:
                 )
             raise
         try:
-            return await db.run_interaction("receive", self._receive_txn, item, sender)
+            event, view = await db.run_interaction("receive", self._receive_txn, item, sender)
         except _Undecryptable as exc:
             return await self._record_failure(item, exc.reason)
+        if event is not None and view is not None:
+            await self._directory.check_view(item, view)
+        return event
 
     def _receive_txn(
         self, conn: sqlite3.Connection, item: DeliveredItem, sender: DeviceIdentity
-    ) -> Event | None:
+    ) -> tuple[Event | None, LogView | None]:
+        """Decrypt, verify and store one item; returns its event and the sender's log view."""
         profile = self._profile
         own = profile.secrets.device
         assert item.ciphertext is not None  # noqa: S101 (a "msg" item carries one)
         if item_seen_txn(conn, item.user, item.device, item.message_id):
-            return None  # stored meanwhile by another process on this profile
+            return None, None  # stored meanwhile by another process on this profile
         prekeys = _TrackingPrekeys(load_prekeys_txn(conn, profile.sealer))
         try:
             plaintext = decrypt_from_device(
@@ -1022,7 +1122,7 @@ class Receiver:
             elif content.sender_user_id != own_user and not content.is_addressed_to(own_user):
                 reason = "the message was signed for other recipients (forwarded?)"
         if reason is not None or content is None:
-            return self._failure_txn(conn, item, reason or "unverifiable")
+            return self._failure_txn(conn, item, reason or "unverifiable"), None
         outgoing = content.sender_user_id == own_user
         if outgoing:
             others = [r for r in content.recipients if r != own_user]
@@ -1049,13 +1149,14 @@ class Receiver:
         set_conversation_txn(conn, peer_user, content.thread_id, now)
         if outgoing:
             set_thread_head_txn(conn, content.thread_id, content_hash(content), content.sent_at_ms)
-        return message_view(
+        view = message_view(
             content,
             peer_user=peer_user,
             outgoing=outgoing,
             server_ms=item.time_ms,
             status=STATUS_SENT if outgoing else STATUS_RECEIVED,
         )
+        return view, content.log_view
 
     def _failure_txn(self, conn: sqlite3.Connection, item: DeliveredItem, reason: str) -> Event:
         insert_notice_txn(

@@ -116,6 +116,8 @@ STATUS_FAILED: Final = "failed"
 
 NOTICE_FAILED: Final = "failed"
 NOTICE_EXPIRED: Final = "expired"
+NOTICE_SECURITY: Final = "security"
+"""A transparency-log warning: an unknown device on our account, a split view, ..."""
 
 
 # --- running transactions ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Final
 
 KIND_FAILED: Final = "failed"
 KIND_EXPIRED: Final = "expired"
+KIND_SECURITY: Final = "security"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +46,8 @@ class MessageView:
 @dataclass(frozen=True, slots=True)
 class NoticeView:
     """An item that could not be shown as a message: `failed` (undecryptable or unverifiable;
-    `reason` says why) or `expired` (a message of ours that device `user_id/device_id` never
-    fetched)."""
+    `reason` says why), `expired` (a message of ours that device `user_id/device_id` never
+    fetched) or `security` (a transparency-log warning: `reason` is the text to show)."""
 
     kind: str
     message_id: bytes
@@ -81,6 +82,8 @@ class DeviceView:
     device_id: str
     created_at_ms: int
     this_device: bool
+    added_by_you: bool = True
+    """Enrolled or linked from a device of this profile's; False is a security warning."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,18 @@ EVENTS: Final = frozenset(
 )
 """Inputs that are not frames."""
 
-REQUESTS: Final = ("send", "ack", "bundle_get", "devices_get", "prekeys_put")
+REQUESTS: Final = (
+    "send",
+    "ack",
+    "bundle_get",
+    "devices_get",
+    "log_get",
+    "prekeys_put",
+    "directory_search",
+    "account_create",
+    "link_create",
+    "link_end",
+)
 
 TRANSITIONS: Final[dict[tuple[State, str], State]] = {
     (State.AWAITING_HELLO, "hello"): State.AWAITING_AUTH,

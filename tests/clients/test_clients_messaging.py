@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from client_support import client_world, engine_pair, inbox
 
 from medrelay.clients.engine import messaging
 from medrelay.clients.engine.client import Engine
@@ -37,25 +37,8 @@ from medrelay.crypto.keys import SigningKey
 from medrelay.protocol.errors import ErrorCode
 from medrelay.protocol.messages import DeliveredItem, ItemKind, Send
 
-
-@pytest.fixture
-def world(tmp_path: Path) -> ClientWorld:
-    return ClientWorld(tmp_path)
-
-
-@pytest.fixture
-def pair(world: ClientWorld) -> Iterator[tuple[Engine, Engine]]:
-    world.enroll("alice")
-    world.enroll("bob")
-    alice, bob = world.open("alice"), world.open("bob")
-    yield alice, bob
-    world.run(alice.close())
-    world.run(bob.close())
-
-
-def inbox(world: ClientWorld, engine: Engine) -> list[MessageView | NoticeView]:
-    world.run(engine.sync())
-    return world.run(engine.unread())
+world = client_world
+pair = engine_pair
 
 
 def texts(items: list[MessageView | NoticeView]) -> list[str]:

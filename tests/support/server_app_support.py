@@ -31,7 +31,7 @@ from medrelay.server.config import Config, load_config
 from medrelay.server.enrollment import EnrollmentService
 from medrelay.server.hashing import PasswordWorker
 from medrelay.server.metrics import RelayMetrics
-from medrelay.server.relay.store import RelayStore
+from medrelay.server.relay.store import InMemoryRelayStore, RelayStore
 from medrelay.server.storage.database import Database, SynchronousRunner
 from medrelay.server.transport.http import BodyLimits, RelaySite, build_root
 
@@ -313,3 +313,67 @@ def clock_at(seconds: float = NOW_S) -> MemoryReactorClock:
 
 def rng_for(label: str) -> Rng:
     return seeded_rng(label.encode())
+
+
+# --- a whole identity-authority world -----------------------------------------------------------
+
+
+@dataclass
+class IdentityWorld:
+    """A migrated SQLite database, clinic keys, a fake clock and the enrollment endpoint: what
+    the identity tests (log, revocation, staff requests) start from."""
+
+    config: Config
+    database: Database
+    keys: ClinicKeys
+    clock: MemoryReactorClock
+    rng: Rng
+    http: HttpHarness
+
+    def enroll(
+        self,
+        username: str,
+        role: Role = Role.DOCTOR,
+        *,
+        display_name: str = "",
+        specialty: str | None = None,
+        department: str | None = None,
+    ) -> NewDevice:
+        """Create the account and enroll a device for it through POST /v1/enroll."""
+        account = new_account(
+            self.database,
+            username,
+            self.rng,
+            role=role,
+            display_name=display_name or username,
+            specialty=specialty,
+            department=department,
+        )
+        return self.enroll_with(username, account.enrollment_code)
+
+    def enroll_with(self, username: str, code: str) -> NewDevice:
+        body, device = enrollment_body(username, code, self.rng)
+        response = self.http.post_json("/v1/enroll", body)
+        assert response.status == 200, response.body
+        return device
+
+    def use_keys(self, keys: ClinicKeys) -> None:
+        """Serve enrollment with other clinic keys (a restart after a key rotation)."""
+        enrollment, blobs, _ = services(
+            self.config, self.database, keys, InMemoryRelayStore(), clock=self.clock, rng=self.rng
+        )
+        self.keys = keys
+        self.http = HttpHarness(enrollment=enrollment, blobs=blobs, clock=self.clock)
+
+
+def identity_world(tmp_path: Path, seed: bytes) -> IdentityWorld:
+    config = cheap_config(tmp_path)
+    database = open_database(config)
+    rng = seeded_rng(seed)
+    keys = make_keys(config, rng)
+    clock = clock_at()
+    enrollment, blobs, _ = services(
+        config, database, keys, InMemoryRelayStore(), clock=clock, rng=rng
+    )
+    http = HttpHarness(enrollment=enrollment, blobs=blobs, clock=clock)
+    return IdentityWorld(config, database, keys, clock, rng, http)

@@ -8,12 +8,14 @@ the database never holds a usable token.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
+from medrelay.server.storage.errors import DeviceExists
+from medrelay.server.storage.prekeys import add_one_time_prekeys_txn, set_signed_prekey_txn
 from medrelay.server.storage.schema import (
     accounts,
     devices,
@@ -103,6 +105,49 @@ def list_devices_txn(conn: Connection, username: str) -> list[DeviceRow]:
         select_devices().where(accounts.c.username == username, _active()).order_by(devices.c.pk)
     ).all()
     return [device_row(row) for row in rows]
+
+
+def add_device_txn(
+    conn: Connection,
+    *,
+    account_id: int,
+    device_id: str,
+    certificate: bytes,
+    signing_key: bytes,
+    signed_prekey: bytes,
+    one_time_prekeys: Sequence[bytes],
+    now_ms: int,
+) -> DeviceRow:
+    """Add a further device of an enrolled account with its signed prekey and one-time prekeys
+    (device linking). Raises `DeviceExists` when the account already has this device id, before
+    anything is written. The caller checks the certificate and runs this in the transaction that
+    also logs the device, so the device and its log event commit together."""
+    taken = conn.execute(
+        sa.select(devices.c.pk).where(
+            devices.c.account_pk == account_id, devices.c.device_id == device_id
+        )
+    ).first()
+    if taken is not None:
+        raise DeviceExists("the account already has a device with this id")
+    device_pk = conn.execute(
+        sa.insert(devices)
+        .values(
+            account_pk=account_id,
+            device_id=device_id,
+            certificate=certificate,
+            signing_key=signing_key,
+            created_at=now_ms,
+            revoked_at=None,
+            queued_count=0,
+        )
+        .returning(devices.c.pk)
+    ).scalar_one()
+    set_signed_prekey_txn(conn, device_pk, signed_prekey, now_ms)
+    add_one_time_prekeys_txn(conn, device_pk, one_time_prekeys)
+    device = get_device_by_pk_txn(conn, device_pk)
+    if device is None:  # pragma: no cover - inserted above in this transaction
+        raise RuntimeError("the linked device vanished inside its own transaction")
+    return device
 
 
 def device_sets_txn(conn: Connection, usernames: Collection[str]) -> dict[str, dict[str, int]]:

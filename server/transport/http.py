@@ -1,5 +1,6 @@
-"""The HTTP adapter: enrollment, blobs and health as JSON over twisted.web, on the port that also
-upgrades `/v1/ws` to the WebSocket protocol (docs/protocol.md §1, §10, §11).
+"""The HTTP adapter: enrollment, device linking, blobs and health as JSON over twisted.web, on
+the port that also upgrades `/v1/ws` to the WebSocket protocol (docs/protocol.md §1, §10, §11,
+§16).
 
 This is the only place that knows HTTP status codes: domain errors carry a wire `ErrorCode` and
 `STATUS` maps it. Every error answer is `{"error": {"code": ..., "message": ...}}`, every answer
@@ -34,6 +35,7 @@ from twisted.web.resource import IResource, Resource
 from medrelay.protocol.errors import ErrorCode
 from medrelay.server.blobs import BlobService, parse_bearer
 from medrelay.server.enrollment import EnrollmentService
+from medrelay.server.linking import MAX_LINK_BODY, LinkService
 from medrelay.server.relay.errors import RelayError
 from medrelay.server.relay.store import DeviceRecord
 from medrelay.server.storage.errors import StorageError
@@ -48,6 +50,7 @@ STATUS: Final[dict[ErrorCode, int]] = {
     ErrorCode.AUTH_FAILED: 401,
     ErrorCode.ENROLLMENT_FAILED: 403,
     ErrorCode.FORBIDDEN: 403,
+    ErrorCode.UNEXPECTED_MESSAGE: 409,
     ErrorCode.DEVICE_REVOKED: 403,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.UNKNOWN_USER: 404,
@@ -64,6 +67,10 @@ REQUEST_TIMEOUT_S: Final = 60.0
 SERVER_HEADER: Final = b"medrelay"
 ENROLL_BODY_LIMIT: Final = 64 * 1024
 DEFAULT_BODY_LIMIT: Final = 16 * 1024
+LINK_ACTIONS: Final = frozenset(
+    {"join", "device", "reveal", "confirm", "complete", "cancel", "peer"}
+)
+"""The last path segment of `/v1/link/{code}/...` routes."""
 
 _KNOWN_METHODS: Final = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS"})
 
@@ -87,6 +94,7 @@ class BodyLimits:
 
     blobs: int
     enroll: int = ENROLL_BODY_LIMIT
+    link: int = MAX_LINK_BODY
     default: int = DEFAULT_BODY_LIMIT
 
     def for_path(self, path: bytes) -> int:
@@ -95,6 +103,8 @@ class BodyLimits:
             return self.blobs
         if route == b"/v1/enroll":
             return self.enroll
+        if route == b"/v1/link" or route.startswith(b"/v1/link/"):
+            return self.link
         return self.default
 
 
@@ -111,7 +121,14 @@ def route_of(path: bytes) -> str:
     route = _route(path)
     if route.startswith(b"/v1/blobs/"):
         return "/v1/blobs/{id}"
-    if route in (b"/v1/blobs", b"/v1/enroll", b"/v1/ws", b"/healthz", b""):
+    if route.startswith(b"/v1/link/"):  # the code is a secret: never logged
+        parts = route.split(b"/")[3:]
+        if len(parts) == 1:
+            return "/v1/link/{code}"
+        if len(parts) == 2 and parts[1].decode("ascii", "replace") in LINK_ACTIONS:
+            return "/v1/link/{code}/" + parts[1].decode("ascii")
+        return "(other)"
+    if route in (b"/v1/blobs", b"/v1/enroll", b"/v1/link", b"/v1/ws", b"/healthz", b""):
         return route.decode("ascii") or "/"
     return "(other)"
 
@@ -448,6 +465,67 @@ class BlobsPage(JsonResource):
         return finish_later(request, d2, lambda data: (200, b"application/octet-stream", data))
 
 
+class LinkPage(JsonResource):
+    """`/v1/link` and below: linking a device (docs/protocol.md §16). Every route answers 200
+    except the creation of a link (201)."""
+
+    isLeaf = True  # noqa: N815 (twisted.web API)
+
+    def __init__(self, service: LinkService) -> None:
+        super().__init__()
+        self._service = service
+
+    @staticmethod
+    def _segments(request: WebRequest) -> list[str]:
+        segments = [s.decode("ascii", "replace") for s in request.postpath]
+        while segments and not segments[-1]:
+            segments.pop()
+        return segments
+
+    def render_GET(self, request: WebRequest) -> bytes | int:  # noqa: N802 (twisted.web API)
+        segments = self._segments(request)
+        authorization = request.getHeader(b"authorization")
+        if len(segments) == 1:
+            d = self._service.status(authorization, segments[0])
+        elif len(segments) == 2 and segments[1] == "peer":
+            d = self._service.peer(authorization, segments[0])
+        else:
+            return error_answer(request, ErrorCode.NOT_FOUND, "no such path")
+        return finish_later(request, d, lambda answer: _json(200, answer))
+
+    def render_POST(self, request: WebRequest) -> bytes | int:  # noqa: N802 (twisted.web API)
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
+        if content_type.lower() != b"application/json":
+            return error_answer(
+                request, ErrorCode.INVALID_FIELD, "Content-Type: must be application/json"
+            )
+        segments = self._segments(request)
+        authorization = request.getHeader(b"authorization")
+        body = request.content.read(MAX_LINK_BODY + 1) if request.content else b""
+        service = self._service
+        if not segments:
+            d = service.create(authorization, body)
+            return finish_later(request, d, lambda answer: _json(201, answer))
+        if len(segments) != 2:
+            return error_answer(request, ErrorCode.NOT_FOUND, "no such path")
+        code, action = segments
+        if action == "join":
+            d = service.join(code, body)
+        elif action == "device":
+            d = service.submit_device(authorization, code, body)
+        elif action == "reveal":
+            d = service.reveal(authorization, code, body)
+        elif action == "confirm":
+            d = service.confirm(authorization, code)
+        elif action == "complete":
+            d = service.complete(authorization, code, body)
+        elif action == "cancel":
+            d = service.cancel(authorization, code)
+        else:
+            return error_answer(request, ErrorCode.NOT_FOUND, "no such path")
+        return finish_later(request, d, lambda answer: _json(200, answer))
+
+
 class WebSocketUpgrade(Resource):
     """Hands `/v1/ws` requests to the WebSocket resource, after releasing the connection from
     twisted.web: the HTTPChannel registered itself as the transport's producer when the
@@ -468,9 +546,13 @@ class WebSocketUpgrade(Resource):
 
 
 def build_root(
-    *, websocket: IResource, enrollment: EnrollmentService, blobs: BlobService
+    *,
+    websocket: IResource,
+    enrollment: EnrollmentService,
+    blobs: BlobService,
+    linking: LinkService | None = None,
 ) -> Resource:
-    """The resource tree of the clients' port."""
+    """The resource tree of the clients' port (`/v1/link` only with a `LinkService`)."""
     root = JsonResource()
     root.putChild(b"healthz", HealthPage())
     v1 = JsonResource()
@@ -478,6 +560,8 @@ def build_root(
     v1.putChild(b"ws", WebSocketUpgrade(websocket))
     v1.putChild(b"enroll", EnrollPage(enrollment))
     v1.putChild(b"blobs", BlobsPage(blobs))
+    if linking is not None:
+        v1.putChild(b"link", LinkPage(linking))
     return root
 
 

@@ -24,3 +24,20 @@ MESSAGE_ID_SIZE: Final = 16
 TOKEN_SIZE: Final = 32
 CHALLENGE_SIZE: Final = 32
 SIGNATURE_SIZE: Final = 64
+MAX_LOG_EVENT_SIZE: Final = 8192
+"""An encoded identity-log event (its payload is one certificate or revocation)."""
+MAX_USER_LOG_EVENTS: Final = 64
+"""Events of one user in a `log` answer (a user's whole history: certificate, devices, ...)."""
+MAX_PROOF_HASHES: Final = 64
+"""Hashes in one inclusion or consistency proof (a tree of up to 2**64 leaves needs fewer)."""
+MAX_LOG_SIZES: Final = 4
+"""Earlier tree sizes a client may ask consistency proofs from in one `log_get`."""
+MAX_CLINIC_KEYS: Final = 64
+"""Clinic key certificates (current and retired issuing and log keys) in one `log` answer."""
+MAX_CHECKPOINT_SIZE: Final = 4096
+MAX_DIRECTORY_ENTRIES: Final = 50
+"""Users in one `directory` answer."""
+MAX_QUERY_BYTES: Final = 128
+"""A directory query, specialty or department filter."""
+MAX_NAME_BYTES: Final = 256
+"""A display name, specialty or department in `account_create` (the certificate's limits)."""

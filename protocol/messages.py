@@ -34,13 +34,22 @@ from medrelay.protocol.limits import (
     CHALLENGE_SIZE,
     MAX_ACKS_PER_FRAME,
     MAX_CERTIFICATE_SIZE,
+    MAX_CHECKPOINT_SIZE,
     MAX_CIPHERTEXT_SIZE,
+    MAX_CLINIC_KEYS,
     MAX_DEVICES_PER_USER,
+    MAX_DIRECTORY_ENTRIES,
     MAX_ENVELOPES_PER_SEND,
     MAX_ID_BYTES,
     MAX_ITEMS_PER_DELIVER,
+    MAX_LOG_EVENT_SIZE,
+    MAX_LOG_SIZES,
+    MAX_NAME_BYTES,
     MAX_ONE_TIME_PREKEYS_PER_UPLOAD,
     MAX_PREKEY_SIZE,
+    MAX_PROOF_HASHES,
+    MAX_QUERY_BYTES,
+    MAX_USER_LOG_EVENTS,
     MESSAGE_ID_SIZE,
     SIGNATURE_SIZE,
     TOKEN_SIZE,
@@ -56,6 +65,10 @@ _MESSAGE_ID = Bytes(MESSAGE_ID_SIZE, MESSAGE_ID_SIZE)
 _TIME_MS = UInt()
 _CERTIFICATE = Bytes(MAX_CERTIFICATE_SIZE, 1)
 _PREKEY = Bytes(MAX_PREKEY_SIZE, 1)
+_PROOF = ListOf(Bytes(32, 32), MAX_PROOF_HASHES)
+_DATE = Text(10, identifier=True)
+"""A calendar date, YYYY-MM-DD (checked by the server, which knows the clinic's calendar)."""
+ACCOUNT_ROLES: Final = ("patient", "doctor", "nurse", "registrar", "admin")
 
 
 class Direction(enum.Enum):
@@ -136,6 +149,31 @@ class DeviceEntry(Struct):
 
 
 @dataclass(frozen=True, slots=True)
+class LogLeaf(Struct):
+    """One identity-log event, with its inclusion proof into the answer's checkpoint."""
+
+    index: int = wire("i", UInt())
+    event: bytes = wire("e", Bytes(MAX_LOG_EVENT_SIZE, 1))
+    proof: tuple[bytes, ...] = wire("p", _PROOF)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencyProof(Struct):
+    """Proof that the tree of `old_size` leaves is a prefix of the answer's checkpoint."""
+
+    old_size: int = wire("old", UInt())
+    proof: tuple[bytes, ...] = wire("p", _PROOF)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryEntry(Struct):
+    """A user found in the directory, with the certificate that says who they are."""
+
+    user: str = wire("u", _USER)
+    certificate: bytes = wire("cert", _CERTIFICATE)
+
+
+@dataclass(frozen=True, slots=True)
 class Limits(Struct):
     """The server's limits, announced in `welcome`."""
 
@@ -211,6 +249,71 @@ class DevicesGet(Message):
     DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
     rid: int = wire("rid", _RID)
     user: str = wire("user", _USER)
+
+
+@dataclass(frozen=True, slots=True)
+class LogGet(Message):
+    """The identity log's newest checkpoint, consistency proofs from `sizes`, and (with `user`)
+    that user's whole event chain with inclusion proofs."""
+
+    TYPE: ClassVar[str] = "log_get"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    sizes: tuple[int, ...] = wire("sizes", ListOf(UInt(), MAX_LOG_SIZES))
+    user: str | None = wire("user", _USER, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectorySearch(Message):
+    """Find users by a part of their name or username, and optionally specialty and
+    department; the answer holds only people the requester may see (a patient: their care team)."""
+
+    TYPE: ClassVar[str] = "directory_search"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    query: str = wire("query", Text(MAX_QUERY_BYTES))
+    specialty: str | None = wire("specialty", Text(MAX_QUERY_BYTES), optional=True)
+    department: str | None = wire("department", Text(MAX_QUERY_BYTES), optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountCreate(Message):
+    """A registrar creates a patient's account, an admin a staff account; the answer carries
+    the one-time enrollment code to hand over in person."""
+
+    TYPE: ClassVar[str] = "account_create"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    user: str = wire("user", _USER)
+    role: str = wire("role", Choice(frozenset(ACCOUNT_ROLES)))
+    name: str = wire("name", Text(MAX_NAME_BYTES))
+    specialty: str | None = wire("specialty", Text(MAX_NAME_BYTES), optional=True)
+    department: str | None = wire("department", Text(MAX_NAME_BYTES), optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkCreate(Message):
+    """Link a patient to a doctor or nurse after an in-person visit (`visit`: YYYY-MM-DD),
+    through `until` (YYYY-MM-DD, inclusive; the server's default without it)."""
+
+    TYPE: ClassVar[str] = "link_create"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    patient: str = wire("patient", _USER)
+    clinician: str = wire("clinician", _USER)
+    visit: str = wire("visit", _DATE)
+    until: str | None = wire("until", _DATE, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEnd(Message):
+    """End the pair's active care link now (messages already sent are still delivered)."""
+
+    TYPE: ClassVar[str] = "link_end"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    patient: str = wire("patient", _USER)
+    clinician: str = wire("clinician", _USER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +416,54 @@ class DeviceList(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class LogAnswer(Message):
+    TYPE: ClassVar[str] = "log"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    checkpoint: bytes = wire("checkpoint", Bytes(MAX_CHECKPOINT_SIZE, 1))
+    clinic_keys: tuple[bytes, ...] = wire("keys", ListOf(_CERTIFICATE, MAX_CLINIC_KEYS, 1))
+    consistency: tuple[ConsistencyProof, ...] = wire(
+        "consistency", ListOf(Nested(ConsistencyProof), MAX_LOG_SIZES)
+    )
+    events: tuple[LogLeaf, ...] = wire("events", ListOf(Nested(LogLeaf), MAX_USER_LOG_EVENTS))
+    user: str | None = wire("user", _USER, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Directory(Message):
+    TYPE: ClassVar[str] = "directory"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    entries: tuple[DirectoryEntry, ...] = wire(
+        "entries", ListOf(Nested(DirectoryEntry), MAX_DIRECTORY_ENTRIES)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AccountCreated(Message):
+    TYPE: ClassVar[str] = "account_created"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    user: str = wire("user", _USER)
+    code: str = wire("code", Text(64, identifier=True))
+    expires_ms: int = wire("expires", _TIME_MS)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkState(Message):
+    """A care link as it now stands (`ended` set once it was ended early)."""
+
+    TYPE: ClassVar[str] = "link_state"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    patient: str = wire("patient", _USER)
+    clinician: str = wire("clinician", _USER)
+    visit: str = wire("visit", _DATE)
+    ends_ms: int = wire("ends", _TIME_MS)
+    ended_ms: int | None = wire("ended", _TIME_MS, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
 class Sent(Message):
     """The message and all its envelopes are durably stored (or already were: a resend)."""
 
@@ -364,6 +515,11 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
         PrekeysPut,
         BundleGet,
         DevicesGet,
+        LogGet,
+        DirectorySearch,
+        AccountCreate,
+        LinkCreate,
+        LinkEnd,
         Send,
         Ack,
         Welcome,
@@ -372,6 +528,10 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
         PrekeysLow,
         Bundle,
         DeviceList,
+        LogAnswer,
+        Directory,
+        AccountCreated,
+        LinkState,
         Sent,
         Deliver,
         Error,

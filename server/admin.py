@@ -6,25 +6,31 @@ They run synchronously (no reactor is running), yet every SQL statement still go
 start with `BEGIN IMMEDIATE` and wait for the server's writer (busy timeout) instead of failing.
 Before touching accounts, the database is migrated and its durability checked, exactly as at
 server start, so `admin add-user` on a fresh checkout works before the first `serve`.
+
+Each action writes its audit record (`medrelay.server.audit`) in the transaction that does it,
+refusals included.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from medrelay.crypto.certificates import Role
 from medrelay.crypto.passwords import PasswordHasher
 from medrelay.crypto.rng import Rng
+from medrelay.server import audit
 from medrelay.server.clinic import ensure_private_directory
 from medrelay.server.config import Config
 from medrelay.server.enrollment import check_profile, new_enrollment_code, normalize_code
-from medrelay.server.storage import accounts
+from medrelay.server.policy import Relationship, last_day
+from medrelay.server.storage import accounts, care
 from medrelay.server.storage.database import (
     Database,
     SynchronousRunner,
@@ -129,10 +135,10 @@ def add_user(
     code_hash = hasher.hash(normalize_code(code), rng)
     expires_ms = now_ms + code_ttl_hours * 3600 * 1000
     try:
-        resolved(
+        created = resolved(
             database.run_interaction(
                 "admin_add_user",
-                accounts.create_account_txn,
+                add_user_txn,
                 username=username,
                 role=role.value,
                 display_name=display_name,
@@ -143,8 +149,239 @@ def add_user(
                 code_expires_ms=expires_ms,
             )
         )
-    except AccountExists:
-        raise AdminError(f"an account named {username!r} already exists") from None
     except StorageError as exc:
         raise AdminError(f"database: {exc}") from None
+    if not created:
+        raise AdminError(f"an account named {username!r} already exists")
     return NewAccount(username, role, code, expires_ms)
+
+
+def add_user_txn(
+    conn: Connection,
+    /,
+    *,
+    username: str,
+    role: str,
+    now_ms: int,
+    actor: str = audit.OPERATOR,
+    **fields: Any,
+) -> bool:
+    """Create the account and its audit record in one transaction. A taken username writes
+    only a "refused" record (committed: the attempt is audited) and returns False. `actor` is
+    the staff member acting over the protocol, or the operator on the host."""
+    try:
+        accounts.create_account_txn(conn, username=username, role=role, now_ms=now_ms, **fields)
+    except AccountExists:
+        result, detail = audit.AuditResult.REFUSED, "username taken"
+    else:
+        result, detail = audit.AuditResult.OK, f"role={role}"
+    audit.append_audit_txn(
+        conn,
+        actor=actor,
+        action=audit.AuditAction.ACCOUNT_CREATE,
+        target=username,
+        result=result,
+        now_ms=now_ms,
+        detail=detail,
+    )
+    return result is audit.AuditResult.OK
+
+
+# --- audit log ----------------------------------------------------------------------------------
+
+
+AUDIT_RECORDS_PER_TRANSACTION: Final = 5000
+"""Replay the audit log in short transactions: on SQLite each one holds the write lock, and a
+running server must not wait for a whole replay."""
+
+
+def verify_audit(
+    database: Database, *, anchor: audit.AuditAnchor | None = None
+) -> audit.AuditVerification:
+    """Replay the whole audit chain (see `audit.verify_audit_txn`), in short transactions."""
+    replay = audit.AuditReplay(anchor=anchor)
+    try:
+        resolved(database.run_interaction("admin_audit_verify", replay.start_txn))
+        while not resolved(
+            database.run_interaction(
+                "admin_audit_verify", replay.step_txn, max_records=AUDIT_RECORDS_PER_TRANSACTION
+            )
+        ):
+            pass
+        return resolved(database.run_interaction("admin_audit_verify", replay.finish_txn))
+    except StorageError as exc:
+        raise AdminError(f"database: {exc}") from None
+
+
+def list_audit(
+    database: Database,
+    *,
+    since_ms: int | None,
+    until_ms: int | None,
+    actor: str | None,
+    action: str | None,
+    target: str | None,
+    limit: int,
+) -> list[audit.AuditEntry]:
+    """The newest `limit` audit records matching every filter given, oldest first."""
+    try:
+        return resolved(
+            database.run_interaction(
+                "admin_audit_show",
+                audit.list_audit_txn,
+                since_ms=since_ms,
+                until_ms=until_ms,
+                actor=actor,
+                action=action,
+                target=target,
+                limit=limit,
+            )
+        )
+    except StorageError as exc:
+        raise AdminError(f"database: {exc}") from None
+
+
+# --- care links ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LinkView:
+    """A care link and its state at the time of the command."""
+
+    link: care.CareLink
+    state: Relationship
+
+
+def _audit_name(name: str) -> str:
+    """`name` if an audit record can carry it (it is whatever the operator typed), else ""."""
+    try:
+        return audit.check_target(name)
+    except ValueError:
+        return ""
+
+
+def audited_link_txn(
+    conn: Connection,
+    /,
+    *,
+    action: audit.AuditAction,
+    actor: str = audit.OPERATOR,
+    patient: str,
+    clinician: str,
+    now_ms: int,
+    change: Callable[[Connection], care.CareLink],
+) -> care.CareLink | care.CareLinkError:
+    """Run `change` and append its audit record, in one transaction. A refusal rolls back only
+    the change and is recorded as "refused" (the attempt is audited) and returned. `actor` is
+    the staff member acting over the protocol, or the operator on the host."""
+    outcome: care.CareLink | care.CareLinkError
+    detail = f"clinician={_audit_name(clinician) or '?'}"
+    try:
+        with conn.begin_nested():
+            outcome = change(conn)
+    except care.CareLinkError as exc:
+        outcome, result = exc, audit.AuditResult.REFUSED
+        # The reason as a fixed word (UnknownAccount -> unknown_account), never the input.
+        words = "".join(f"_{c.lower()}" if c.isupper() else c for c in type(exc).__name__)
+        detail += f"; reason={words.lstrip('_')}"
+    else:
+        result = audit.AuditResult.OK
+        if action is audit.AuditAction.LINK_CREATE:
+            detail += f"; visit={outcome.visit_date}; until={last_day(outcome.ends_ms)}"
+    audit.append_audit_txn(
+        conn,
+        actor=actor,
+        action=action,
+        target=_audit_name(patient),
+        result=result,
+        now_ms=now_ms,
+        detail=detail,
+    )
+    return outcome
+
+
+def _run_link_action(database: Database, desc: str, **kwargs: Any) -> care.CareLink:
+    try:
+        outcome = resolved(database.run_interaction(desc, audited_link_txn, **kwargs))
+    except StorageError as exc:
+        raise AdminError(f"database: {exc}") from None
+    if isinstance(outcome, care.CareLinkError):
+        raise AdminError(str(outcome))
+    return outcome
+
+
+def link(
+    database: Database,
+    *,
+    patient: str,
+    clinician: str,
+    visit_date: str,
+    until: str | None,
+    now_ms: int,
+) -> LinkView:
+    """Link `patient` to `clinician` after an in-person visit on `visit_date`, through the day
+    `until` (default: `care.DEFAULT_LINK_DAYS` from now); audited as link_create."""
+    try:
+        ends_ms = care.end_of_day_ms(until) if until is not None else None
+    except care.CareLinkError as exc:
+        raise AdminError(str(exc)) from None
+
+    def create(conn: Connection) -> care.CareLink:
+        return care.create_link_txn(
+            conn,
+            patient=patient,
+            clinician=clinician,
+            visit_date=visit_date,
+            created_by=audit.OPERATOR,
+            actor_role=Role.ADMIN,
+            now_ms=now_ms,
+            ends_ms=ends_ms,
+        )
+
+    created = _run_link_action(
+        database,
+        "admin_link",
+        action=audit.AuditAction.LINK_CREATE,
+        patient=patient,
+        clinician=clinician,
+        now_ms=now_ms,
+        change=create,
+    )
+    return LinkView(created, created.state(now_ms))
+
+
+def unlink(database: Database, *, patient: str, clinician: str, now_ms: int) -> LinkView:
+    """End the pair's active care link now (messages already sent are still delivered);
+    audited as link_end."""
+
+    def end(conn: Connection) -> care.CareLink:
+        return care.end_link_txn(
+            conn,
+            patient=patient,
+            clinician=clinician,
+            ended_by=audit.OPERATOR,
+            actor_role=Role.ADMIN,
+            now_ms=now_ms,
+        )
+
+    ended = _run_link_action(
+        database,
+        "admin_unlink",
+        action=audit.AuditAction.LINK_END,
+        patient=patient,
+        clinician=clinician,
+        now_ms=now_ms,
+        change=end,
+    )
+    return LinkView(ended, ended.state(now_ms))
+
+
+def links(database: Database, *, username: str, now_ms: int) -> list[LinkView]:
+    """Every care link of a patient or clinician, oldest first, with its state now."""
+    try:
+        found = resolved(database.run_interaction("admin_links", care.links_txn, username))
+    except care.CareLinkError as exc:
+        raise AdminError(str(exc)) from None
+    except StorageError as exc:
+        raise AdminError(f"database: {exc}") from None
+    return [LinkView(item, item.state(now_ms)) for item in found]

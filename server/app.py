@@ -5,8 +5,8 @@
       ├─ PasswordWorker      Argon2id, 2 at a time, on its own small pool
       ├─ RelayService        the relay core (group commit drains when it stops)
       ├─ BlobService         attachments and their expiry
-      ├─ ListenerService     the clients' port: /healthz, /v1/ws, /v1/enroll, /v1/blobs (TLS
-      │                      when configured)
+      ├─ ListenerService     the clients' port: /healthz, /v1/ws, /v1/enroll, /v1/link,
+      │                      /v1/blobs (TLS when configured; link sessions in memory)
       └─ ListenerService     the metrics port (loopback by default)
 
 Everything outside - the reactor, the random source, the metrics registry - is passed in;
@@ -50,9 +50,12 @@ from medrelay.server.clinic import (
 from medrelay.server.config import Config, ConfigError, ServerSection
 from medrelay.server.enrollment import EnrollmentService
 from medrelay.server.hashing import PasswordWorker
+from medrelay.server.linking import LinkService
 from medrelay.server.metrics import RelayMetrics
 from medrelay.server.relay.service import RelayService
-from medrelay.server.relay.store import RelayStore, forbid_patient_to_patient
+from medrelay.server.relay.store import RelayStore
+from medrelay.server.revocation import RevocationWatcher
+from medrelay.server.staff import StaffService
 from medrelay.server.storage.database import (
     Database,
     Runner,
@@ -63,6 +66,7 @@ from medrelay.server.storage.database import (
 from medrelay.server.storage.errors import StorageError
 from medrelay.server.storage.migrate import upgrade_to_head
 from medrelay.server.storage.relay_store import SqlRelayStore
+from medrelay.server.transparency import TransparencyLog
 from medrelay.server.transport.http import BodyLimits, MetricsPage, RelaySite, build_root
 from medrelay.server.transport.websocket import RelayWebSocketFactory, websocket_resource
 
@@ -243,18 +247,23 @@ def make_service(
         raise
     store = (store_factory or default_store)(database)
     metrics = RelayMetrics.create(registry)
+    identity_log = TransparencyLog(database=database, keys=keys, clock=reactor)
+    worker = PasswordWorker(
+        password_runner or ThreadPoolRunner.create(reactor, ARGON2_THREADS, "medrelay-argon2"),
+        PasswordHasher(config.passwords),
+        concurrency=ARGON2_THREADS,
+    )
+    staff = StaffService(
+        database=database, worker=worker, clock=reactor, rng=rng, enrollment=config.enrollment
+    )
     relay = RelayService(
         store=store,
         clock=reactor,
         rng=rng,
         config=config.relay,
-        policy=forbid_patient_to_patient,
         metrics=metrics,
-    )
-    worker = PasswordWorker(
-        password_runner or ThreadPoolRunner.create(reactor, ARGON2_THREADS, "medrelay-argon2"),
-        PasswordHasher(config.passwords),
-        concurrency=ARGON2_THREADS,
+        identity_log=identity_log,
+        staff=staff,
     )
     enrollment = EnrollmentService(
         database=database,
@@ -279,7 +288,11 @@ def make_service(
         url=websocket_url(config.server),
         trust_x_forwarded_for=config.server.trust_x_forwarded_for,
     )
-    root = build_root(websocket=websocket_resource(factory), enrollment=enrollment, blobs=blobs)
+    # Link sessions live in memory only: a restart aborts the links in progress.
+    linking = LinkService(database=database, store=store, clock=reactor, rng=rng)
+    root = build_root(
+        websocket=websocket_resource(factory), enrollment=enrollment, blobs=blobs, linking=linking
+    )
     site = RelaySite(root, clock=reactor, body_limits=BodyLimits(blobs=config.blobs.max_size_bytes))
     web = ListenerService(client_endpoint(reactor, config.server), site, "clients")
     metrics_listener: ListenerService | None = None
@@ -300,7 +313,9 @@ def make_service(
         web=web,
         metrics=metrics_listener,
     )
-    for child in (database, worker, relay, blobs, web, metrics_listener):
+    revocations = RevocationWatcher(database=database, relay=relay, clock=reactor)
+    # Started in this order: the identity log is loaded before the ports listen.
+    for child in (database, worker, identity_log, relay, revocations, blobs, web, metrics_listener):
         if child is not None:
             child.setServiceParent(service)  # type: ignore[no-untyped-call]
     return service

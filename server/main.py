@@ -5,6 +5,13 @@
     medrelay-server migrate [--config FILE] [--data-dir DIR]
     medrelay-server admin add-user USERNAME --role ROLE --name NAME [--specialty S]
                                    [--department D] [--config FILE] [--data-dir DIR] [--json]
+    medrelay-server admin link PATIENT CLINICIAN --visit-date YYYY-MM-DD [--until YYYY-MM-DD]
+                                   [--json]
+    medrelay-server admin unlink PATIENT CLINICIAN [--json]
+    medrelay-server admin links USERNAME [--json]
+    medrelay-server audit verify [--anchor N:HEX] [--json]
+    medrelay-server audit show [--since ISO] [--until ISO] [--actor A] [--action X]
+                               [--target T] [--limit N] [--json]
 
 Every command finds its configuration and data the same way (`medrelay.server.config`): the
 TOML file of `--config` or `$MEDRELAY_CONFIG`, `MEDRELAY_<SECTION>_<KEY>` variables, then the
@@ -26,31 +33,50 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
 import click
 from prometheus_client import CollectorRegistry
+from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred
 
-from medrelay.crypto.certificates import Role
+from medrelay.crypto.certificates import ClinicKeyPurpose, Role
 from medrelay.crypto.passwords import PasswordHasher
 from medrelay.crypto.rng import Rng, system_rng
 from medrelay.crypto.sealing import SealParams
-from medrelay.server import admin
+from medrelay.server import admin, audit
+from medrelay.server.admin import resolved
+from medrelay.server.audit import OPERATOR, AuditAction, AuditResult, append_audit_txn
 from medrelay.server.clinic import (
     AUTO_PASSPHRASE,
     ClinicKeyError,
+    ClinicKeys,
     clinic_keys_exist,
     create_clinic_keys,
+    load_clinic_keys,
     read_auto_passphrase,
     reseal_root_key,
+    rotate_clinic_key,
 )
 from medrelay.server.config import Config, ConfigError, Overrides, load_config
 from medrelay.server.enrollment import CLIENT_ROLES
+from medrelay.server.policy import Relationship, last_day
+from medrelay.server.revocation import (
+    RevocationError,
+    Revoked,
+    revoke_account_txn,
+    revoke_device_txn,
+)
+from medrelay.server.slips import Slip, write_slip
+from medrelay.server.slips import server_url as slip_server_url
+from medrelay.server.storage.database import Database
+from medrelay.server.storage.transparency import log_clinic_certificates_txn
+from medrelay.server.transparency import signed_checkpoint_txn, verify_log_txn
 
 ROOT_PASSPHRASE_ENV: Final = "MEDRELAY_ROOT_PASSPHRASE"  # noqa: S105 (a variable name)
 EXIT_FAILED: Final = 1
 EXIT_CONFIG: Final = 2
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +325,7 @@ def migrate(ctx: click.Context, config_path: Path | None, data_dir: Path | None)
 
 @cli.group(name="admin")
 def admin_group() -> None:
-    """Accounts and enrollment codes."""
+    """Accounts, enrollment codes and care links."""
 
 
 @admin_group.command(name="add-user")
@@ -313,6 +339,13 @@ def admin_group() -> None:
 @click.option("--name", "display_name", required=True, help='Display name, e.g. "Dr. Ivanova".')
 @click.option("--specialty", default=None, help="Specialty, e.g. cardiology (optional).")
 @click.option("--department", default=None, help="Department (optional).")
+@click.option(
+    "--slip",
+    "slip_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a printable enrollment slip (code, server, instructions) to this new file.",
+)
 @_location_options
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
@@ -324,6 +357,7 @@ def add_user(
     display_name: str,
     specialty: str | None,
     department: str | None,
+    slip_path: Path | None,
     config_path: Path | None,
     data_dir: Path | None,
     json_mode: bool,
@@ -331,9 +365,13 @@ def add_user(
     """Create an account and print its one-time enrollment code.
 
     Hand the code to the person in person; it works once and expires (72 hours by default).
+    With --slip, print that file and hand it over (it holds the live code: readable by you
+    only, and never overwritten).
     """
     env = _environment(ctx)
     config = _load(env, config_path, Overrides(data_dir=data_dir))
+    if slip_path is not None:
+        _check_slip_path(slip_path)
     try:
         database = admin.open_admin_database(config)
         try:
@@ -359,6 +397,23 @@ def add_user(
         fail(str(exc))
     expires = datetime.datetime.fromtimestamp(account.expires_ms / 1000, tz=datetime.UTC)
     expires_text = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if slip_path is not None:
+        slip = Slip(
+            account.username,
+            account.role.value,
+            account.enrollment_code,
+            account.expires_ms,
+            slip_server_url(config.server),
+        )
+        try:
+            write_slip(slip_path, slip)
+        except OSError as exc:
+            fail(
+                f"created {account.username}, but could not write the slip {slip_path} "
+                f"({exc.strerror}); the code is printed below"
+                if not json_mode
+                else f"created {account.username}, but could not write the slip ({exc.strerror})"
+            )
     if json_mode:
         click.echo(
             json.dumps(
@@ -367,6 +422,7 @@ def add_user(
                     "role": account.role.value,
                     "enrollment_code": account.enrollment_code,
                     "expires_at": expires_text,
+                    "slip": None if slip_path is None else str(slip_path),
                 }
             )
         )
@@ -374,6 +430,602 @@ def add_user(
     click.echo(f"created {account.role.value} account {account.username}")
     click.echo(f"enrollment code: {account.enrollment_code}")
     click.echo(f"valid once, until {expires_text}; hand it to the person in person")
+
+
+def _check_slip_path(path: Path) -> None:
+    """Refuse a slip path before the account exists, so a bad path loses no code."""
+    if path.exists():
+        fail(f"--slip: {path} already exists; choose a new file (slips hold live codes)")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        fail(f"--slip: cannot write into {parent}")
+
+
+# --- admin: care links ---------------------------------------------------------------------------
+
+
+def _utc_text(ms: int) -> str:
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _link_json(view: admin.LinkView) -> dict[str, object]:
+    link = view.link
+    return {
+        "patient": link.patient,
+        "clinician": link.clinician,
+        "visit_date": link.visit_date,
+        "state": view.state.value,
+        "created_at": _utc_text(link.created_ms),
+        "created_by": link.created_by,
+        "until": last_day(link.ends_ms),
+        "ends_at": _utc_text(link.ends_ms),
+        "ended_at": _utc_text(link.ended_ms) if link.ended_ms is not None else None,
+        "ended_by": link.ended_by,
+    }
+
+
+def _link_text(view: admin.LinkView) -> str:
+    link = view.link
+    if link.ended_ms is not None and link.ended_ms < link.ends_ms:
+        end = f"ended on {last_day(link.ended_ms)} by {link.ended_by}"
+    elif view.state is Relationship.ACTIVE:
+        end = f"until {last_day(link.ends_ms)}"
+    else:
+        end = f"ended on {last_day(link.ends_ms)}"
+    return (
+        f"{link.patient} - {link.clinician}: {view.state.value}, visit {link.visit_date}, "
+        f"{end} (created by {link.created_by})"
+    )
+
+
+def _admin_failed(exc: admin.AdminError, json_mode: bool) -> NoReturn:
+    if json_mode:
+        click.echo(json.dumps({"error": {"code": "refused", "message": str(exc)}}), err=True)
+        sys.exit(EXIT_FAILED)
+    fail(str(exc))
+
+
+def _with_admin_database(
+    ctx: click.Context,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+    action: Callable[[Database, int], _R],
+) -> _R:
+    """Run `action(database, now_ms)` on the configured database; errors are one line."""
+    env = _environment(ctx)
+    config = _load(env, config_path, Overrides(data_dir=data_dir))
+    try:
+        database = admin.open_admin_database(config)
+        try:
+            return action(database, int(env.now() * 1000))
+        finally:
+            database.close()
+    except admin.AdminError as exc:
+        _admin_failed(exc, json_mode)
+
+
+_json_option = click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
+
+
+@admin_group.command(name="link")
+@click.argument("patient")
+@click.argument("clinician")
+@click.option(
+    "--visit-date",
+    required=True,
+    metavar="YYYY-MM-DD",
+    help="The date of the in-person visit the link follows (not in the future).",
+)
+@click.option(
+    "--until",
+    default=None,
+    metavar="YYYY-MM-DD",
+    help="The link's last day, inclusive, UTC (default: 365 days from now).",
+)
+@_location_options
+@_json_option
+@click.pass_context
+def link_command(
+    ctx: click.Context,
+    *,
+    patient: str,
+    clinician: str,
+    visit_date: str,
+    until: str | None,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+) -> None:
+    """Let PATIENT write to CLINICIAN (a doctor or nurse), and back, after an in-person visit.
+
+    The link ends after its last day, or earlier with `admin unlink`.
+    """
+    view = _with_admin_database(
+        ctx,
+        config_path,
+        data_dir,
+        json_mode,
+        lambda database, now_ms: admin.link(
+            database,
+            patient=patient,
+            clinician=clinician,
+            visit_date=visit_date,
+            until=until,
+            now_ms=now_ms,
+        ),
+    )
+    if json_mode:
+        click.echo(json.dumps(_link_json(view)))
+        return
+    click.echo(
+        f"linked patient {view.link.patient} to {view.link.clinician} "
+        f"until {last_day(view.link.ends_ms)} (visit {view.link.visit_date})"
+    )
+
+
+@admin_group.command(name="unlink")
+@click.argument("patient")
+@click.argument("clinician")
+@_location_options
+@_json_option
+@click.pass_context
+def unlink_command(
+    ctx: click.Context,
+    *,
+    patient: str,
+    clinician: str,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+) -> None:
+    """End the active care link of PATIENT and CLINICIAN now.
+
+    New messages between them are refused from now on; messages already sent are still
+    delivered.
+    """
+    view = _with_admin_database(
+        ctx,
+        config_path,
+        data_dir,
+        json_mode,
+        lambda database, now_ms: admin.unlink(
+            database, patient=patient, clinician=clinician, now_ms=now_ms
+        ),
+    )
+    if json_mode:
+        click.echo(json.dumps(_link_json(view)))
+        return
+    click.echo(
+        f"ended the care link of {view.link.patient} with {view.link.clinician}; "
+        "messages already sent are still delivered"
+    )
+
+
+@admin_group.command(name="links")
+@click.argument("username")
+@_location_options
+@_json_option
+@click.pass_context
+def links_command(
+    ctx: click.Context,
+    *,
+    username: str,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+) -> None:
+    """List the care links (active and past) of a patient, doctor or nurse."""
+    views = _with_admin_database(
+        ctx,
+        config_path,
+        data_dir,
+        json_mode,
+        lambda database, now_ms: admin.links(database, username=username, now_ms=now_ms),
+    )
+    if json_mode:
+        click.echo(json.dumps({"username": username, "links": [_link_json(v) for v in views]}))
+        return
+    if not views:
+        click.echo(f"{username} has no care links")
+    for view in views:
+        click.echo(_link_text(view))
+
+
+# --- audit ---------------------------------------------------------------------------------------
+
+
+@cli.group(name="audit")
+def audit_group() -> None:
+    """The hash-chained audit log of admin, registrar and identity actions."""
+
+
+def _audit_failed(message: str, json_mode: bool, code: str = "refused") -> NoReturn:
+    if json_mode:
+        click.echo(json.dumps({"error": {"code": code, "message": message}}), err=True)
+        sys.exit(EXIT_FAILED)
+    fail(message)
+
+
+def _utc_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    try:
+        return None if value is None else audit.parse_utc(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _anchor_option(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> audit.AuditAnchor | None:
+    try:
+        return None if value is None else audit.AuditAnchor.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@audit_group.command(name="verify")
+@click.option(
+    "--anchor",
+    default=None,
+    metavar="N:HEX",
+    callback=_anchor_option,
+    help="A head printed by an earlier verify: also check that the log still extends it.",
+)
+@_location_options
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def audit_verify(
+    ctx: click.Context,
+    *,
+    anchor: audit.AuditAnchor | None,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+) -> None:
+    """Replay the audit chain; exit 1 naming the first edited, deleted or reordered record.
+
+    Note the printed head (N:HEX) somewhere outside this server: only a head kept elsewhere
+    (`--anchor`) detects a chain rewritten or cut together with its head.
+    """
+    env = _environment(ctx)
+    config = _load(env, config_path, Overrides(data_dir=data_dir))
+    try:
+        database = admin.open_admin_database(config)
+        try:
+            report = admin.verify_audit(database, anchor=anchor)
+        finally:
+            database.close()
+    except admin.AdminError as exc:
+        _audit_failed(str(exc), json_mode, "failed")
+    head = f"{report.count}:{report.head_hash.hex()}"
+    problem = report.problem
+    if json_mode:
+        answer: dict[str, object] = {
+            "intact": problem is None,
+            "records": report.count,
+            "head": report.head_hash.hex(),
+        }
+        if problem is None:
+            answer["anchor"] = head
+        else:
+            answer["problem"] = {"seq": problem.seq, "reason": problem.reason}
+        click.echo(json.dumps(answer))
+        sys.exit(0 if problem is None else EXIT_FAILED)
+    if problem is not None:
+        fail(f"audit log broken at record {problem.seq}: {problem.reason}")
+    click.echo(f"audit log intact: {report.count} records, head {report.head_hash.hex()}")
+    click.echo(f"note this anchor elsewhere and check it later with --anchor {head}")
+
+
+@audit_group.command(name="show")
+@click.option(
+    "--since",
+    "since_ms",
+    default=None,
+    metavar="ISO",
+    callback=_utc_option,
+    help="From this time (inclusive; UTC unless it has an offset).",
+)
+@click.option(
+    "--until",
+    "until_ms",
+    default=None,
+    metavar="ISO",
+    callback=_utc_option,
+    help="Before this time (exclusive; UTC unless it has an offset).",
+)
+@click.option("--actor", default=None, help="Only records by this actor (a username, operator).")
+@click.option(
+    "--action",
+    type=click.Choice([a.value for a in audit.AuditAction]),
+    default=None,
+    help="Only records of this action.",
+)
+@click.option("--target", default=None, help='Only records about this target ("user/device").')
+@click.option(
+    "--limit",
+    type=click.IntRange(1, audit.MAX_LIST_LIMIT),
+    default=100,
+    show_default=True,
+    help="At most this many records (the newest).",
+)
+@_location_options
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def audit_show(
+    ctx: click.Context,
+    *,
+    since_ms: int | None,
+    until_ms: int | None,
+    actor: str | None,
+    action: str | None,
+    target: str | None,
+    limit: int,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+) -> None:
+    """Print audit records, oldest first (times are UTC ISO-8601). Run `verify` to check them."""
+    env = _environment(ctx)
+    config = _load(env, config_path, Overrides(data_dir=data_dir))
+    try:
+        database = admin.open_admin_database(config)
+        try:
+            entries = admin.list_audit(
+                database,
+                since_ms=since_ms,
+                until_ms=until_ms,
+                actor=actor,
+                action=action,
+                target=target,
+                limit=limit,
+            )
+        finally:
+            database.close()
+    except admin.AdminError as exc:
+        _audit_failed(str(exc), json_mode, "failed")
+    if json_mode:
+        click.echo(json.dumps({"records": [audit.entry_json(entry) for entry in entries]}))
+        return
+    if not entries:
+        click.echo("no audit records match")
+    for entry in entries:
+        click.echo(audit.entry_text(entry))
+
+
+# --- the identity log --------------------------------------------------------------------------
+
+
+@cli.group(name="log")
+def log_group() -> None:
+    """The identity transparency log: verify it as an auditor would."""
+
+
+def _open_for_log(
+    env: Environment, config_path: Path | None, data_dir: Path | None
+) -> tuple[ClinicKeys, Database]:
+    config = _load(env, config_path, Overrides(data_dir=data_dir))
+    try:
+        keys = load_clinic_keys(
+            config.keys.dir, clinic_id=config.server.clinic_id, now_ms=int(env.now() * 1000)
+        )
+        database = admin.open_admin_database(config)
+    except (ClinicKeyError, admin.AdminError) as exc:
+        fail(str(exc))
+    return keys, database
+
+
+@log_group.command(name="verify")
+@_location_options
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def log_verify(
+    ctx: click.Context, config_path: Path | None, data_dir: Path | None, json_mode: bool
+) -> None:
+    """Replay the whole identity log: every event, per-user chain, signature and the tree, and
+    check that the database serves exactly the certificates and devices the log shows.
+
+    Exits 0 when everything verifies, 1 with the first problem otherwise.
+    """
+    env = _environment(ctx)
+    keys, database = _open_for_log(env, config_path, data_dir)
+    try:
+        result = resolved(database.run_interaction("log_verify", verify_log_txn, keys))
+    finally:
+        database.close()
+    audit = result.audit
+    summary = {
+        "ok": result.problem is None,
+        "problem": result.problem,
+        "size": None if audit is None else audit.size,
+        "root": None if audit is None else audit.root_hash.hex(),
+        "users": None if audit is None else audit.users,
+        "active_devices": None if audit is None else audit.active_devices,
+        "revoked_users": None if audit is None else audit.revoked_users,
+    }
+    if json_mode:
+        click.echo(json.dumps(summary))
+        if result.problem is not None:
+            sys.exit(EXIT_FAILED)
+        return
+    if result.problem is not None or audit is None:
+        fail(f"identity log NOT verified: {result.problem}")
+    click.echo(
+        f"identity log verified: {audit.size} events, {audit.users} users, "
+        f"{audit.active_devices} active devices, {audit.revoked_users} revoked accounts"
+    )
+    click.echo(f"root {audit.root_hash.hex()}")
+
+
+@log_group.command(name="checkpoint")
+@_location_options
+@click.pass_context
+def log_checkpoint(ctx: click.Context, config_path: Path | None, data_dir: Path | None) -> None:
+    """Print the log's current checkpoint, signed by the log key (compare it with what clients
+    and auditors hold: two different checkpoints of one size prove a forked log)."""
+    env = _environment(ctx)
+    keys, database = _open_for_log(env, config_path, data_dir)
+    try:
+        note = resolved(database.run_interaction("log_checkpoint", signed_checkpoint_txn, keys))
+    finally:
+        database.close()
+    click.echo(note, nl=False)
+
+
+# --- admin: revocation ---------------------------------------------------------------------------
+
+
+def _revoke(
+    ctx: click.Context,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+    revoke: Callable[[Connection, ClinicKeys, int], Revoked],
+) -> None:
+    env = _environment(ctx)
+    keys, database = _open_for_log(env, config_path, data_dir)
+    try:
+        revoked = resolved(database.run_interaction("revoke", revoke, keys, int(env.now() * 1000)))
+    except RevocationError as exc:
+        fail(str(exc))
+    finally:
+        database.close()
+    if json_mode:
+        click.echo(json.dumps({"username": revoked.username, "devices": list(revoked.device_ids)}))
+        return
+    devices = ", ".join(revoked.device_ids) or "none enrolled"
+    click.echo(f"revoked {revoked.username}: devices {devices}")
+    click.echo("live connections close within a second; the revocation is in the identity log")
+
+
+@admin_group.command(name="revoke-device")
+@click.argument("username")
+@click.argument("device_id")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_location_options
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def revoke_device(
+    ctx: click.Context,
+    *,
+    username: str,
+    device_id: str,
+    yes: bool,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+) -> None:
+    """Revoke one device of USERNAME (a lost phone): it is disconnected within a second, can
+    no longer log in, and every client stops encrypting to it. This cannot be undone."""
+    if not yes:
+        click.confirm(f"Revoke device {device_id} of {username}? This cannot be undone", abort=True)
+    _revoke(
+        ctx,
+        config_path,
+        data_dir,
+        json_mode,
+        lambda conn, keys, now_ms: revoke_device_txn(
+            conn, keys=keys, username=username, device_id=device_id, actor=OPERATOR, now_ms=now_ms
+        ),
+    )
+
+
+@admin_group.command(name="revoke-user")
+@click.argument("username")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_location_options
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def revoke_user(
+    ctx: click.Context,
+    *,
+    username: str,
+    yes: bool,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+) -> None:
+    """Revoke the account USERNAME and all its devices (someone leaves the clinic). Messages
+    already sent to it are discarded; nobody can write to it any more. This cannot be undone."""
+    if not yes:
+        click.confirm(f"Revoke the account {username}? This cannot be undone", abort=True)
+    _revoke(
+        ctx,
+        config_path,
+        data_dir,
+        json_mode,
+        lambda conn, keys, now_ms: revoke_account_txn(
+            conn, keys=keys, username=username, actor=OPERATOR, now_ms=now_ms
+        ),
+    )
+
+
+# --- clinic keys ---------------------------------------------------------------------------------
+
+
+@cli.group(name="keys")
+def keys_group() -> None:
+    """The clinic's online keys: rotate them with the root key."""
+
+
+@keys_group.command(name="rotate")
+@click.argument("which", type=click.Choice(["issuing", "log"]))
+@_location_options
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def keys_rotate(
+    ctx: click.Context,
+    which: str,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+) -> None:
+    """Replace the issuing or the log key with a new one certified by the root key.
+
+    Needs the root key's passphrase ($MEDRELAY_ROOT_PASSPHRASE, keys.root_passphrase_path, or
+    a prompt). The old certificate is kept under keys/retired/ so what it signed stays
+    verifiable; the new one is appended to the identity log at once, and clients follow it on
+    their next log answer. Restart the server to sign with the new key.
+    """
+    env = _environment(ctx)
+    config = _load(env, config_path, Overrides(data_dir=data_dir))
+    purpose = ClinicKeyPurpose(which)
+    now_ms = int(env.now() * 1000)
+    passphrase = _passphrase_from_environment(config, env) or read_auto_passphrase(config.keys.dir)
+    if passphrase is None:
+        passphrase = click.prompt("Passphrase of the clinic root key", hide_input=True, err=True)
+    try:
+        cert = rotate_clinic_key(
+            config.keys.dir, purpose, passphrase=passphrase, now_ms=now_ms, rng=env.rng
+        )
+        keys = load_clinic_keys(config.keys.dir, clinic_id=config.server.clinic_id, now_ms=now_ms)
+        database = admin.open_admin_database(config)
+    except (ClinicKeyError, admin.AdminError) as exc:
+        fail(str(exc))
+    try:
+        resolved(database.run_interaction("log_rotation", _log_rotation_txn, keys, which, now_ms))
+    finally:
+        database.close()
+    fingerprint = cert.key.to_text()
+    if json_mode:
+        click.echo(json.dumps({"rotated": which, "key": fingerprint, "serial": cert.serial}))
+        return
+    click.echo(f"rotated the {which} key: {fingerprint}")
+    click.echo("restart the server to use it; clients follow the rotation on their own")
+
+
+def _log_rotation_txn(conn: Connection, keys: ClinicKeys, which: str, now_ms: int) -> None:
+    log_clinic_certificates_txn(conn, [c.encode() for c in keys.all_certificates()], now_ms)
+    append_audit_txn(
+        conn,
+        actor=OPERATOR,
+        action=AuditAction.CLINIC_KEY_ROTATE,
+        target="",
+        result=AuditResult.OK,
+        now_ms=now_ms,
+        detail=f"{which} key",
+    )
 
 
 def main() -> None:

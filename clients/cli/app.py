@@ -16,6 +16,8 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from medrelay.clients.engine.client import open_engine
 from medrelay.clients.engine.enrollment import enroll
 from medrelay.clients.engine.http import AgentHttpClient
+from medrelay.clients.engine.linking import LinkResult, LinkUi, join_link
+from medrelay.clients.engine.staff import CareLinkView, NewAccountView, PersonView
 from medrelay.clients.engine.store import ProfileInfo, ThreadRunner, read_public_info
 from medrelay.clients.engine.views import (
     DeviceView,
@@ -59,6 +61,28 @@ class EngineApi(Protocol):
 
     def safety_number(self, user_id: str) -> Deferred[str]: ...
 
+    def search_directory(
+        self, query: str, *, specialty: str | None = None, department: str | None = None
+    ) -> Deferred[list[PersonView]]: ...
+
+    def create_account(
+        self,
+        username: str,
+        role: str,
+        name: str,
+        *,
+        specialty: str | None = None,
+        department: str | None = None,
+    ) -> Deferred[NewAccountView]: ...
+
+    def create_care_link(
+        self, patient: str, clinician: str, visit_date: str, until: str | None = None
+    ) -> Deferred[CareLinkView]: ...
+
+    def end_care_link(self, patient: str, clinician: str) -> Deferred[CareLinkView]: ...
+
+    def link_device(self, ui: LinkUi) -> Deferred[LinkResult]: ...
+
     def attachments(self, message_id: bytes) -> Deferred[list[SavedAttachment]]: ...
 
     def close(self) -> Deferred[None]: ...
@@ -77,6 +101,12 @@ class App(Protocol):
     def enroll(
         self, profile_dir: Path, passphrase: str, server_url: str, username: str, code: str
     ) -> Deferred[ProfileInfo]: ...
+
+    def link(
+        self, profile_dir: Path, passphrase: str, server_url: str, code: str, ui: LinkUi
+    ) -> Deferred[ProfileInfo]:
+        """Make a new profile a device of the account whose device shows `code`."""
+        ...
 
     def timeout(self, d: Deferred[_T], seconds: float) -> Deferred[_T]:
         """`d`, cancelled if it has not fired after `seconds`."""
@@ -161,4 +191,20 @@ class RealApp:
             clock=reactor,
             rng=system_rng,
             runner=self._thread_runner(),
+        )
+
+    def link(
+        self, profile_dir: Path, passphrase: str, server_url: str, code: str, ui: LinkUi
+    ) -> Deferred[ProfileInfo]:
+        reactor = self._reactor
+        return join_link(
+            profile_dir=profile_dir,
+            passphrase=passphrase,
+            server_url=server_url,
+            code=code,
+            http=AgentHttpClient(reactor, reactor),
+            clock=reactor,
+            rng=system_rng,
+            runner=self._thread_runner(),
+            ui=ui,
         )

@@ -27,8 +27,12 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from medrelay.clients.cli import output
 from medrelay.clients.cli.app import App, EngineApi, Interrupted, RealApp
 from medrelay.clients.engine.errors import ClientError, LocalCode
+from medrelay.clients.engine.linking import LinkCheck, LinkCode
+from medrelay.clients.engine.store import ProfileInfo
 from medrelay.clients.engine.views import (
+    KIND_SECURITY,
     ConnectionStatus,
+    DeviceView,
     Event,
     MessageView,
     NoticeView,
@@ -36,6 +40,7 @@ from medrelay.clients.engine.views import (
     SavedAttachment,
     Whoami,
 )
+from medrelay.crypto.linking import normalize_sas, same_sas
 
 PASSPHRASE_ENV: Final = "MEDRELAY_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 PROFILE_ENV: Final = "MEDRELAY_PROFILE"
@@ -95,6 +100,8 @@ class Options:
 
         async def main() -> _T:
             engine = await app.open_engine(profile, secret)
+            # Security warnings are loud whatever the command: on stderr, as they happen.
+            engine.subscribe(_shout_security_warnings)
             try:
                 result = await use(engine)
             except GeneratorExit:
@@ -108,6 +115,11 @@ class Options:
             return result
 
         return self.run(lambda: Deferred.fromCoroutine(main()))
+
+
+def _shout_security_warnings(event: Event) -> None:
+    if isinstance(event, NoticeView) and event.kind == KIND_SECURITY:
+        click.echo(f"medrelay: !!! {output.safe(event.reason)}", err=True)
 
 
 def read_passphrase(*, confirm: bool) -> str:
@@ -343,14 +355,268 @@ def _status(event: ConnectionStatus) -> None:
         click.echo(f"medrelay: {detail}reconnecting in {event.retry_in_s:.1f} s", err=True)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @common
 @click.pass_context
 def devices(ctx: click.Context, profile: Path | None, json_mode: bool) -> None:
-    """List this account's devices (each verified against the clinic's certificates)."""
+    """List this account's devices (each verified against the clinic's certificates).
+
+    `medrelay devices link` adds a new device (a phone, a laptop) to your account from this one.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     options = _options(ctx, profile, json_mode)
     listed = options.with_engine(lambda engine: engine.devices())
     options.emit(output.devices_json(listed), output.devices_lines(listed))
+
+
+class CliLinkUi:
+    """The `LinkUi` of both link commands: the code and the digits on standard output (one JSON
+    object per line with --json), progress on standard error, and the question on standard
+    error too. `expected` (--yes-if-sas) answers the question instead: yes only when it equals
+    the digits this device computed; "-" reads the digits to compare from standard input when
+    they are needed (a script that read them off the other device's output)."""
+
+    def __init__(self, options: Options, expected: str | None) -> None:
+        self._options = options
+        self._expected = expected
+
+    def show_code(self, code: LinkCode) -> None:
+        self._options.emit(output.link_code_json(code), output.link_code_lines(code))
+
+    def status(self, text: str) -> None:
+        if self._options.json:
+            click.echo(output.dumps({"event": "status", "text": text}))
+        else:
+            click.echo(f"medrelay: {text}...", err=True)
+
+    def confirm(self, check: LinkCheck) -> Deferred[bool]:
+        self._options.emit(output.link_check_json(check), output.link_check_lines(check))
+        if self._expected is None:
+            try:
+                answer: bool = click.confirm(
+                    f"Do both screens show {check.display}?", default=False, err=True
+                )
+            except click.Abort:  # end of input: nobody said yes
+                click.echo(err=True)  # end the question's line
+                answer = False
+            return defer.succeed(answer)
+        expected = sys.stdin.readline() if self._expected == "-" else self._expected
+        try:
+            matches = same_sas(normalize_sas(expected.strip()), check.sas)
+        except ValueError:
+            matches = False
+        if not matches:
+            click.echo(
+                f"medrelay: this device shows {check.display}, not the digits given", err=True
+            )
+        return defer.succeed(matches)
+
+
+def _check_expected_sas(options: Options, expected: str | None) -> None:
+    if expected is None or expected == "-":
+        return
+    try:
+        normalize_sas(expected)
+    except ValueError as exc:
+        options.fail(LocalCode.INVALID_ARGUMENT, str(exc), exit_code=2)
+
+
+_YES_IF_SAS_HELP: Final = (
+    "For scripts and tests: answer the question yes only if this device shows these digits "
+    "(- reads them from standard input when they are needed)."
+)
+
+
+@devices.command("link")
+@click.option("--yes-if-sas", "expected", default=None, hidden=True, help=_YES_IF_SAS_HELP)
+@common
+@click.pass_context
+def devices_link(
+    ctx: click.Context, expected: str | None, profile: Path | None, json_mode: bool
+) -> None:
+    """Link a new device to your account from this one.
+
+    Shows a one-time code: on the new device, run `medrelay link SERVER_URL CODE`. Both devices
+    then show six digits; answer yes on each only if both screens show the same digits.
+    Different digits mean someone is in the middle: answer no and tell clinic IT. The new
+    device receives your keys only after both answers.
+    """
+    options = _options(ctx, profile, json_mode)
+    _check_expected_sas(options, expected)
+    ui = CliLinkUi(options, expected)
+    result = options.with_engine(lambda engine: engine.link_device(ui))
+    options.emit(output.linked_json(result), output.linked_line(result))
+
+
+@cli.command("link")
+@click.argument("server_url")
+@click.argument("code")
+@click.option("--yes-if-sas", "expected", default=None, hidden=True, help=_YES_IF_SAS_HELP)
+@common
+@click.pass_context
+def link(
+    ctx: click.Context,
+    *,
+    server_url: str,
+    code: str,
+    expected: str | None,
+    profile: Path | None,
+    json_mode: bool,
+) -> None:
+    """Make this device one of your account's devices, with the CODE your existing device shows.
+
+    Run `medrelay devices link` on a device where you are enrolled; it shows the code and the
+    SERVER_URL. Both devices then show six digits: answer yes only if both screens show the
+    same digits. The keys are sealed here with a new passphrase.
+    """
+    options = _options(ctx, profile, json_mode)
+    _check_expected_sas(options, expected)
+    passphrase = read_passphrase(confirm=True)
+    if not passphrase:
+        options.fail(LocalCode.INVALID_ARGUMENT, "an empty passphrase would leave your keys open")
+    app = options.app
+    ui = CliLinkUi(options, expected)
+    profile_text = str(options.profile)
+
+    async def main() -> tuple[ProfileInfo, list[DeviceView]]:
+        info = await app.link(options.profile, passphrase, server_url, code, ui)
+        # Log in once as the new device: the relay accepts it and the identity log shows it.
+        try:
+            engine = await app.open_engine(options.profile, passphrase)
+            engine.subscribe(_shout_security_warnings)
+            try:
+                listed = await engine.devices()
+            except GeneratorExit:
+                raise
+            except BaseException:
+                await engine.close()
+                raise
+            await engine.close()
+        except ClientError as exc:
+            raise ClientError(
+                exc.code,
+                f"this device is linked (profile {profile_text}), but logging in failed: "
+                f"{exc.message}",
+            ) from None
+        return info, listed
+
+    info, listed = options.run(lambda: Deferred.fromCoroutine(main()))
+    options.emit(
+        output.joined_json(info, profile_text, listed),
+        output.joined_lines(info, profile_text, listed),
+    )
+
+
+@cli.command()
+@click.argument("query", default="")
+@click.option("--specialty", default=None, help="Only people whose specialty contains this.")
+@click.option("--department", default=None, help="Only people whose department contains this.")
+@common
+@click.pass_context
+def directory(
+    ctx: click.Context,
+    *,
+    query: str,
+    specialty: str | None,
+    department: str | None,
+    profile: Path | None,
+    json_mode: bool,
+) -> None:
+    """Find people by part of their name or username (and specialty, department).
+
+    Clinicians find colleagues; a patient sees their care team. Every name shown is the clinic's
+    signed certificate, checked against the clinic's identity log.
+    """
+    options = _options(ctx, profile, json_mode)
+    people = options.with_engine(
+        lambda engine: engine.search_directory(query, specialty=specialty, department=department)
+    )
+    options.emit(output.people_json(people), output.people_lines(people))
+
+
+@cli.group()
+def account() -> None:
+    """Accounts (registrars create patients, admins create staff)."""
+
+
+@account.command("add")
+@click.argument("username")
+@click.option(
+    "--role",
+    type=click.Choice(["patient", "doctor", "nurse", "registrar", "admin"]),
+    default="patient",
+    show_default=True,
+    help="The new account's role.",
+)
+@click.option("--name", "display_name", required=True, help="Display name, as on their ID.")
+@click.option("--specialty", default=None, help="Specialty (clinicians).")
+@click.option("--department", default=None, help="Department (clinicians).")
+@common
+@click.pass_context
+def account_add(
+    ctx: click.Context,
+    *,
+    username: str,
+    role: str,
+    display_name: str,
+    specialty: str | None,
+    department: str | None,
+    profile: Path | None,
+    json_mode: bool,
+) -> None:
+    """Create an account and print its one-time enrollment code, to hand over in person."""
+    options = _options(ctx, profile, json_mode)
+    created = options.with_engine(
+        lambda engine: engine.create_account(
+            username, role, display_name, specialty=specialty, department=department
+        )
+    )
+    options.emit(output.new_account_json(created), output.new_account_lines(created))
+
+
+@cli.group()
+def care() -> None:
+    """Care links between patients and clinicians (registrars, doctors and admins)."""
+
+
+@care.command("link")
+@click.argument("patient")
+@click.argument("clinician")
+@click.option("--visit-date", required=True, help="The in-person visit, YYYY-MM-DD.")
+@click.option("--until", default=None, help="The link's last day, YYYY-MM-DD (default: a year).")
+@common
+@click.pass_context
+def care_link(
+    ctx: click.Context,
+    *,
+    patient: str,
+    clinician: str,
+    visit_date: str,
+    until: str | None,
+    profile: Path | None,
+    json_mode: bool,
+) -> None:
+    """Let PATIENT and CLINICIAN write to each other, after an in-person visit."""
+    options = _options(ctx, profile, json_mode)
+    link = options.with_engine(
+        lambda engine: engine.create_care_link(patient, clinician, visit_date, until)
+    )
+    options.emit(output.care_link_json(link), output.care_link_lines(link))
+
+
+@care.command("end")
+@click.argument("patient")
+@click.argument("clinician")
+@common
+@click.pass_context
+def care_end(
+    ctx: click.Context, patient: str, clinician: str, profile: Path | None, json_mode: bool
+) -> None:
+    """End the care link of PATIENT and CLINICIAN now (messages already sent still arrive)."""
+    options = _options(ctx, profile, json_mode)
+    link = options.with_engine(lambda engine: engine.end_care_link(patient, clinician))
+    options.emit(output.care_link_json(link), output.care_link_lines(link))
 
 
 @cli.command("safety-number")

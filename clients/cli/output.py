@@ -12,7 +12,11 @@ import json
 import re
 from typing import Any, Final
 
+from medrelay.clients.engine.linking import LinkCheck, LinkCode, LinkResult
+from medrelay.clients.engine.staff import CareLinkView, NewAccountView, PersonView
+from medrelay.clients.engine.store import ProfileInfo
 from medrelay.clients.engine.views import (
+    KIND_SECURITY,
     DeviceView,
     MessageView,
     NoticeView,
@@ -110,6 +114,8 @@ def message_line(view: MessageView) -> str:
 
 def notice_line(view: NoticeView) -> str:
     when = iso_time(view.server_ms)
+    if view.kind == KIND_SECURITY:
+        return f"[{when}] !!! {safe(view.reason)}"
     if view.kind == "expired":
         return (
             f"[{when}] ! your message {view.message_id.hex()} expired before "
@@ -151,6 +157,7 @@ def devices_json(devices: list[DeviceView]) -> list[dict[str, Any]]:
             "device": d.device_id,
             "created_at": iso_time(d.created_at_ms),
             "this_device": d.this_device,
+            "added_by_you": d.added_by_you,
         }
         for d in devices
     ]
@@ -160,6 +167,7 @@ def devices_lines(devices: list[DeviceView]) -> str:
     return "\n".join(
         f"{d.device_id}  enrolled {iso_time(d.created_at_ms)}"
         + ("  (this device)" if d.this_device else "")
+        + ("" if d.added_by_you else "  !!! NOT ADDED FROM YOUR DEVICES: tell clinic IT")
         for d in devices
     )
 
@@ -203,3 +211,138 @@ def saved_json(saved: list[tuple[SavedAttachment, str]]) -> list[dict[str, Any]]
 
 def saved_lines(saved: list[tuple[SavedAttachment, str]]) -> str:
     return "\n".join(f"saved {safe(path)} ({_size(len(a.data))})" for a, path in saved)
+
+
+# --- device links -----------------------------------------------------------------------------
+# With --json, each step of a link is one JSON object per line with an "event" key, so a script
+# can follow along (and answer the prompt on standard input).
+
+
+def link_code_json(code: LinkCode) -> dict[str, Any]:
+    return {
+        "event": "code",
+        "code": code.code,
+        "expires": iso_time(code.expires_ms),
+        "command": code.command,
+    }
+
+
+def link_code_lines(code: LinkCode) -> str:
+    return (
+        "To link a new device to this account, run this on the new device:\n\n"
+        f"    {code.command}\n\n"
+        f"The code works once, until {iso_time(code.expires_ms)}."
+    )
+
+
+def link_check_json(check: LinkCheck) -> dict[str, Any]:
+    return {
+        "event": "sas",
+        "sas": check.sas,
+        "display": check.display,
+        "user": check.username,
+        "device": check.device_id,
+    }
+
+
+def link_check_lines(check: LinkCheck) -> str:
+    return (
+        f"Linking device {check.device_id} to {check.username}.\n"
+        f"Both screens must show the same digits: {check.display}"
+    )
+
+
+def linked_json(result: LinkResult) -> dict[str, Any]:
+    return {"event": "linked", "user": result.username, "device": result.device_id}
+
+
+def linked_line(result: LinkResult) -> str:
+    return f"linked device {result.device_id} to {result.username}"
+
+
+def joined_json(info: ProfileInfo, profile: str, devices: list[DeviceView]) -> dict[str, Any]:
+    return {
+        "event": "linked",
+        "user": info.user_id,
+        "device": info.device_id,
+        "clinic": info.clinic_id,
+        "server": info.server_url,
+        "profile": profile,
+        "devices": devices_json(devices),
+    }
+
+
+def joined_lines(info: ProfileInfo, profile: str, devices: list[DeviceView]) -> str:
+    return (
+        f"this device is now {info.device_id} of {info.user_id} at clinic {info.clinic_id}\n"
+        f"profile: {profile}\n{devices_lines(devices)}"
+    )
+
+
+# --- the directory and staff requests -------------------------------------------------------
+
+
+def people_json(people: list[PersonView]) -> list[dict[str, Any]]:
+    return [
+        {
+            "user": p.user_id,
+            "display_name": p.display_name,
+            "role": p.role,
+            "specialty": p.specialty or None,
+            "department": p.department or None,
+            "identity_key": p.identity_key,
+            "verified": True,
+        }
+        for p in people
+    ]
+
+
+def people_lines(people: list[PersonView]) -> str:
+    if not people:
+        return "nobody found"
+    lines = []
+    for p in people:
+        where = " / ".join(safe(x) for x in (p.specialty, p.department) if x)
+        lines.append(
+            f"{p.user_id}  {safe(p.display_name)}  ({p.role}{', ' + where if where else ''})"
+            "  verified: certified by the clinic, in its identity log"
+        )
+    return "\n".join(lines)
+
+
+def new_account_json(created: NewAccountView) -> dict[str, Any]:
+    return {
+        "username": created.user_id,
+        "role": created.role,
+        "enrollment_code": created.code,
+        "expires_at": iso_time(created.expires_ms),
+    }
+
+
+def new_account_lines(created: NewAccountView) -> str:
+    return (
+        f"created {created.role} account {created.user_id}\n"
+        f"enrollment code: {created.code}\n"
+        f"valid once, until {iso_time(created.expires_ms)}; hand it to the person in person"
+    )
+
+
+def care_link_json(link: CareLinkView) -> dict[str, Any]:
+    return {
+        "patient": link.patient,
+        "clinician": link.clinician,
+        "visit_date": link.visit_date,
+        "ends_at": iso_time(link.ends_ms),
+        "ended_at": iso_time(link.ended_ms),
+    }
+
+
+def care_link_lines(link: CareLinkView) -> str:
+    if link.ended_ms is not None:
+        return f"ended the care link of {link.patient} and {link.clinician}"
+    # A link ends at midnight UTC after its last day: show that day, as it was entered.
+    last_day = datetime.datetime.fromtimestamp((link.ends_ms - 1) / 1000, tz=datetime.UTC)
+    return (
+        f"linked {link.patient} with {link.clinician} (visit {link.visit_date}); "
+        f"they may write to each other through {last_day.date().isoformat()} (UTC)"
+    )

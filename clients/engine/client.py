@@ -21,6 +21,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from medrelay.clients.engine import staff
 from medrelay.clients.engine.connection import (
     Connector,
     Credentials,
@@ -30,6 +31,7 @@ from medrelay.clients.engine.connection import (
 from medrelay.clients.engine.enrollment import now_ms
 from medrelay.clients.engine.errors import ClientError, LocalCode
 from medrelay.clients.engine.http import AgentHttpClient, HttpClient, parse_server_url
+from medrelay.clients.engine.linking import LinkResult, LinkUi, link_new_device
 from medrelay.clients.engine.messaging import (
     Directory,
     Messenger,
@@ -38,7 +40,9 @@ from medrelay.clients.engine.messaging import (
     notice_view,
     view_of_stored,
 )
+from medrelay.clients.engine.staff import CareLinkView, NewAccountView, PersonView
 from medrelay.clients.engine.store import (
+    NOTICE_SECURITY,
     OpenProfile,
     Runner,
     StoredMessage,
@@ -47,6 +51,7 @@ from medrelay.clients.engine.store import (
     clear_token_txn,
     find_messages_txn,
     get_token_txn,
+    insert_notice_txn,
     list_messages_txn,
     list_notices_txn,
     mark_messages_read_txn,
@@ -54,6 +59,7 @@ from medrelay.clients.engine.store import (
     open_profile,
     set_token_txn,
 )
+from medrelay.clients.engine.transparency import LogVerifier, load_own_devices_txn
 from medrelay.clients.engine.views import (
     ConnectionStatus,
     DeviceView,
@@ -93,6 +99,7 @@ class Engine:
         info = profile.info
         self.profile = profile
         self.server = parse_server_url(info.server_url)
+        self._http = http
         self._clock = clock
         self._rng = rng
         self._on_close = on_close
@@ -108,7 +115,8 @@ class Engine:
             clock=clock,
             rng=rng,
         )
-        self.directory = Directory(profile, self.connector, clock)
+        self.log = LogVerifier(profile, self.connector)
+        self.directory = Directory(profile, self.connector, clock, self.log, self._security_warning)
         self.messenger = Messenger(
             profile,
             self.connector,
@@ -158,6 +166,30 @@ class Engine:
                 listener(event)
             except Exception:
                 _log.failure("an event listener failed")
+
+    def _security_warning(
+        self, user_id: str, device_id: str, message_id: bytes, reason: str
+    ) -> Deferred[None]:
+        """Keep a security warning as a notice (shown once by `unread`) and emit it now."""
+        recorded = now_ms(self._clock)
+        d = self.profile.db.run_interaction(
+            "security_notice",
+            insert_notice_txn,
+            kind=NOTICE_SECURITY,
+            message_id=message_id,
+            user_id=user_id,
+            device_id=device_id,
+            server_ms=recorded,
+            recorded_ms=recorded,
+            reason=reason,
+        )
+
+        def emit(_: object) -> None:
+            self._notify(
+                NoticeView(NOTICE_SECURITY, message_id, user_id, device_id, recorded, reason)
+            )
+
+        return d.addCallback(emit)
 
     # -- connection ------------------------------------------------------------------------
 
@@ -279,10 +311,33 @@ class Engine:
 
     async def _devices(self) -> list[DeviceView]:
         own = await self.directory.user(self.user_id, refresh=True)
+        known = await self.profile.db.run_interaction(
+            "own_devices", load_own_devices_txn, self.device_id
+        )
         return [
-            DeviceView(device_id, own.created_at_ms[device_id], device_id == self.device_id)
+            DeviceView(
+                device_id,
+                own.created_at_ms[device_id],
+                device_id == self.device_id,
+                added_by_you=device_id in known,
+            )
             for device_id in sorted(own.devices)
         ]
+
+    def link_device(self, ui: LinkUi) -> Deferred[LinkResult]:
+        """Link a new device to this account from this one (docs/protocol.md §16): `ui` shows
+        the code and asks the user to compare the digits."""
+        return link_new_device(
+            profile=self.profile,
+            http=self._http,
+            server=self.server,
+            clock=self._clock,
+            rng=self._rng,
+            login=self.connect,
+            tokens=self.load_token,
+            forget_token=self.clear_token,
+            ui=ui,
+        )
 
     def safety_number(self, user_id: str) -> Deferred[str]:
         """The 60-digit safety number between this user and `user_id` (verified identity)."""
@@ -297,6 +352,49 @@ class Engine:
             peer.certificate.identity_key,
             user_id,
         )
+
+    # -- the directory and staff requests ------------------------------------------------
+
+    def search_directory(
+        self, query: str, *, specialty: str | None = None, department: str | None = None
+    ) -> Deferred[list[PersonView]]:
+        """People matching the search, each verified against the identity log."""
+        return Deferred.fromCoroutine(
+            staff.search_directory(
+                self.connector, self.log, query, specialty=specialty, department=department
+            )
+        )
+
+    def create_account(
+        self,
+        username: str,
+        role: str,
+        name: str,
+        *,
+        specialty: str | None = None,
+        department: str | None = None,
+    ) -> Deferred[NewAccountView]:
+        """Create an account (registrars: patients; admins: staff); fires with its code."""
+        return Deferred.fromCoroutine(
+            staff.create_account(
+                self.connector,
+                username,
+                role,
+                name,
+                specialty=specialty,
+                department=department,
+            )
+        )
+
+    def create_care_link(
+        self, patient: str, clinician: str, visit_date: str, until: str | None = None
+    ) -> Deferred[CareLinkView]:
+        return Deferred.fromCoroutine(
+            staff.create_link(self.connector, patient, clinician, visit_date, until)
+        )
+
+    def end_care_link(self, patient: str, clinician: str) -> Deferred[CareLinkView]:
+        return Deferred.fromCoroutine(staff.end_link(self.connector, patient, clinician))
 
     # -- shutdown --------------------------------------------------------------------------
 

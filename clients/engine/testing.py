@@ -11,10 +11,8 @@ Frames travel only when the test calls `pump()`, so a test decides the interleav
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,24 +27,16 @@ from twisted.python.failure import Failure
 from medrelay.clients.engine.client import Engine, open_engine
 from medrelay.clients.engine.connection import FrameSink, FrameTransport
 from medrelay.clients.engine.enrollment import (
-    ONE_TIME_PREKEYS,
     b64url,
     b64url_decode,
     enroll,
-    generate_device,
 )
 from medrelay.clients.engine.errors import ClientError, LocalCode
 from medrelay.clients.engine.http import HttpResponse
+from medrelay.clients.engine.linking import LinkCheck, LinkCode, LinkResult, join_link
 from medrelay.clients.engine.store import (
-    Database,
     ProfileInfo,
-    ProfileSecrets,
-    Sealer,
-    connect,
-    create_schema_txn,
     inline_runner,
-    open_profile,
-    write_enrollment_txn,
 )
 from medrelay.crypto.certificates import (
     ClinicKeyCertificate,
@@ -58,10 +48,26 @@ from medrelay.crypto.certificates import (
     issue_user_certificate,
     verify_device,
 )
+from medrelay.crypto.checkpoint import Checkpoint, sign_checkpoint
 from medrelay.crypto.errors import CryptoError
-from medrelay.crypto.keys import SigningKey, VerifyKey
+from medrelay.crypto.keys import DHPrivateKey, DHPublicKey, SigningKey, VerifyKey
+from medrelay.crypto.linking import (
+    check_commitment,
+    commitment,
+    display_code,
+    new_link_code,
+    normalize_link_code,
+)
+from medrelay.crypto.merkle import MerkleTree, leaf_hash
 from medrelay.crypto.rng import Rng, seeded_rng
-from medrelay.crypto.sealing import SealParams, new_key_derivation
+from medrelay.crypto.sealing import SealParams
+from medrelay.crypto.transparency import (
+    CLINIC_SUBJECT,
+    EventKind,
+    LogEvent,
+    log_origin,
+    next_event,
+)
 from medrelay.crypto.x3dh import SignedPrekey
 from medrelay.protocol.auth import auth_transcript
 from medrelay.protocol.errors import ErrorCode, ProtocolError
@@ -72,6 +78,7 @@ from medrelay.protocol.messages import (
     Authenticated,
     Bundle,
     BundleGet,
+    ConsistencyProof,
     Deliver,
     DeliveredItem,
     DeviceBundle,
@@ -80,10 +87,16 @@ from medrelay.protocol.messages import (
     DeviceRef,
     DevicesGet,
     Direction,
+    Directory,
+    DirectoryEntry,
+    DirectorySearch,
     Error,
     Hello,
     ItemKind,
     Limits,
+    LogAnswer,
+    LogGet,
+    LogLeaf,
     Message,
     PrekeysLow,
     PrekeysPut,
@@ -117,7 +130,17 @@ class FakeClinic:
             not_after_ms=FAR_FUTURE_MS,
             serial=1,
         )
-        self._serial = 1
+        self.log_key = SigningKey.generate(rng)
+        self.log_certificate: ClinicKeyCertificate = issue_clinic_key_certificate(
+            self.root,
+            clinic_id=clinic_id,
+            purpose=ClinicKeyPurpose.LOG,
+            key=self.log_key.verify_key,
+            not_before_ms=0,
+            not_after_ms=FAR_FUTURE_MS,
+            serial=2,
+        )
+        self._serial = 2
 
     def certify(
         self, user_id: str, identity_key: VerifyKey, *, role: Role, display_name: str
@@ -145,6 +168,24 @@ class FakeDevice:
     one_time_prekeys: list[bytes]
     queue: list[DeliveredItem] = field(default_factory=list)
     acked: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class FakeLinkSession:
+    """One device link in progress (docs/protocol.md §16), as the fake relay keeps it."""
+
+    code: str
+    owner: tuple[str, str]
+    commitment: bytes
+    expires_ms: int
+    state: str = "waiting"
+    secret: bytes | None = None
+    new_device: dict[str, Any] | None = None
+    existing_key: str | None = None
+    payload: str | None = None
+    # A relay in the middle (`FakeRelay.link_mitm`) shows each side a key of its own.
+    shown_to_new: DHPrivateKey | None = None
+    shown_to_existing: DHPrivateKey | None = None
 
 
 @dataclass(slots=True)
@@ -233,7 +274,66 @@ class FakeRelay:
         self.prekey_low_threshold = 10
         self.prekey_target = 100
         self.http = FakeHttp(self)
+        self.link_sessions: dict[str, FakeLinkSession] = {}
+        self.link_ttl_ms = 600_000
+        self.link_mitm = False
+        """Play a relay in the middle of device links: each side sees an ephemeral key of the
+        relay's (committed to consistently), so the two screens show different digits."""
         self.dialer = FakeDialer(self)
+        # The identity log (docs/protocol.md §13), and knobs for the tests that play a
+        # malicious server: `forks` shows a user another leaf list than everyone else's;
+        # `hidden_events` leaves (subject, seq) events out of the answers.
+        self.log_leaves: list[bytes] = []
+        self.log_heads: dict[str, LogEvent] = {}
+        self.forks: dict[str, list[bytes]] = {}
+        self.hidden_events: set[tuple[str, int]] = set()
+        self.directory_override: list[DirectoryEntry] = []
+        self.tamper_proofs = False
+        self.clinic_keys: list[bytes] = []
+        for certificate in (clinic.issuing_certificate, clinic.log_certificate):
+            self.clinic_keys.append(certificate.encode())
+            self.log_event(EventKind.CLINIC_KEY_CERTIFIED, CLINIC_SUBJECT, certificate.encode())
+
+    def log_event(self, kind: EventKind, subject: str, payload: bytes) -> bytes:
+        """Append an event to the real log; returns its encoding."""
+        event = next_event(self.log_heads.get(subject), kind, subject, self.now_ms(), payload)
+        self.log_heads[subject] = event
+        self.log_leaves.append(event.encode())
+        return event.encode()
+
+    def _log_answer(self, link: _Link, message: LogGet) -> None:
+        viewer = link.device.user_id if link.device is not None else ""
+        leaves = self.forks.get(viewer, self.log_leaves)
+        tree = MerkleTree.from_leaf_hashes(leaf_hash(leaf) for leaf in leaves)
+        size = tree.size
+        if any(not 0 < old <= size for old in message.sizes):
+            link.push(_error(ErrorCode.INVALID_FIELD, message.rid))
+            return
+        origin = log_origin(self.clinic.clinic_id)
+        note = sign_checkpoint(Checkpoint(origin, size, tree.root()), origin, self.clinic.log_key)
+        events = []
+        if message.user is not None:
+            for index, leaf in enumerate(leaves):
+                event = LogEvent.decode(leaf)
+                if event.subject == message.user and (
+                    (event.subject, event.seq) not in self.hidden_events
+                ):
+                    proof = tree.inclusion_proof(index)
+                    if self.tamper_proofs and proof:
+                        proof = (bytes([proof[0][0] ^ 1]) + proof[0][1:], *proof[1:])
+                    events.append(LogLeaf(index, leaf, proof))
+        link.push(
+            LogAnswer(
+                rid=message.rid,
+                checkpoint=note.encode(),
+                clinic_keys=tuple(self.clinic_keys),
+                consistency=tuple(
+                    ConsistencyProof(old, tree.consistency_proof(old)) for old in message.sizes
+                ),
+                events=tuple(events),
+                user=message.user,
+            )
+        )
 
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -366,6 +466,17 @@ class FakeRelay:
             )
         elif isinstance(message, BundleGet):
             self._bundle(link, message)
+        elif isinstance(message, LogGet):
+            self._log_answer(link, message)
+        elif isinstance(message, DirectorySearch):
+            # Everyone enrolled whose username contains the query (no policy: unit tests of
+            # the client's verification); `directory_override` plays a lying server.
+            entries = [
+                DirectoryEntry(user.user_id, user.certificate)
+                for user in self.users.values()
+                if user.certificate is not None and message.query in user.user_id
+            ]
+            link.push(Directory(rid=message.rid, entries=tuple(self.directory_override or entries)))
         elif isinstance(message, PrekeysPut):
             link.device.one_time_prekeys.extend(message.one_time_prekeys)
             if message.signed_prekey is not None:
@@ -569,6 +680,8 @@ class FakeRelay:
             return 400, {"error": {"code": "invalid_field", "message": "bad enrollment"}}
         user.code = None
         user.certificate = user_cert.encode()
+        self.log_event(EventKind.USER_CERTIFIED, user.user_id, user_cert.encode())
+        self.log_event(EventKind.DEVICE_ADDED, user.user_id, device_cert.encode())
         user.devices[device_cert.device_id] = FakeDevice(
             user.user_id,
             device_cert.device_id,
@@ -586,6 +699,143 @@ class FakeRelay:
             "root_key": self.clinic.root.verify_key.to_text(),
             "server_time": self.now_ms(),
         }
+
+    def link_request(
+        self, method: str, path: str, headers: Mapping[str, str], body: Mapping[str, Any]
+    ) -> tuple[int, object]:
+        """The `/v1/link` endpoints: the real server's flow and checks, minus its limits."""
+        parts = [p for p in path.split("/")[3:] if p]
+        if method == "POST" and not parts:
+            owner = self.token_owner(headers)
+            if owner is None:
+                return 401, _error_json("token_invalid")
+            self.link_sessions = {c: s for c, s in self.link_sessions.items() if s.owner != owner}
+            code = new_link_code(self.rng)
+            self.link_sessions[code] = FakeLinkSession(
+                code,
+                owner,
+                b64url_decode(body["commitment"], "commitment"),
+                self.now_ms() + self.link_ttl_ms,
+            )
+            return 201, {"code": display_code(code), "expires": self.now_ms() + self.link_ttl_ms}
+        try:
+            session = self.link_sessions[normalize_link_code(parts[0])]
+        except (ValueError, KeyError, IndexError):
+            return 404, _error_json("not_found")
+        if session.expires_ms <= self.now_ms():
+            return 404, _error_json("not_found")
+        action = (method, parts[1] if len(parts) > 1 else "")
+        owned = self.token_owner(headers) == session.owner
+        bearer = headers.get("Authorization", "")[len("Bearer ") :]
+        joined = session.secret is not None and bearer == b64url(session.secret)
+        if session.state == "cancelled" and method == "POST" and action[1] not in ("join", ""):
+            message = "this device link was cancelled on the other device; nothing was linked"
+            return 409, {"error": {"code": "unexpected_message", "message": message}}
+        if action == ("POST", "join"):
+            if session.state != "waiting":
+                return 404, _error_json("not_found")
+            session.secret = self.rng(32)
+            session.state = "claimed"
+            shown = session.commitment
+            if self.link_mitm:
+                session.shown_to_new = DHPrivateKey.generate(self.rng)
+                shown = commitment(session.shown_to_new.public_key)
+            return 200, {
+                "secret": b64url(session.secret),
+                "username": session.owner[0],
+                "commitment": b64url(shown),
+                "expires": session.expires_ms,
+            }
+        if action == ("POST", "cancel") and (owned or joined):
+            if session.state in ("completed", "cancelled"):
+                return 409, _error_json("unexpected_message")
+            session.state = "cancelled"
+            return 200, {"state": "cancelled"}
+        if action[1] in ("device", "confirm", "peer"):
+            if not joined:
+                return 404, _error_json("not_found")
+            if action == ("POST", "device") and session.state == "claimed":
+                session.new_device = dict(body)
+                session.state = "joined"
+                if self.link_mitm:
+                    session.shown_to_existing = DHPrivateKey.generate(self.rng)
+                return 200, {"state": "joined", "expires": session.expires_ms}
+            if action == ("POST", "confirm") and session.state == "revealed":
+                session.state = "confirmed"
+                return 200, {"state": "confirmed"}
+            if action == ("GET", "peer"):
+                answer: dict[str, object] = {"state": session.state}
+                if session.state in ("revealed", "confirmed", "completed"):
+                    shown_key = session.existing_key
+                    if session.shown_to_new is not None:
+                        shown_key = session.shown_to_new.public_key.to_text()
+                    answer["ephemeral_key"] = shown_key
+                if session.state == "completed":
+                    answer["payload"] = session.payload
+                return 200, answer
+            return 409, _error_json("unexpected_message")
+        if not owned:
+            return 404, _error_json("not_found")
+        if action == ("GET", ""):
+            answer = {"state": session.state, "expires": session.expires_ms}
+            new = session.new_device
+            if new is not None and session.state in (
+                "joined",
+                "revealed",
+                "confirmed",
+                "completed",
+            ):
+                answer["ephemeral_key"] = new["ephemeral_key"]
+                if session.shown_to_existing is not None:
+                    answer["ephemeral_key"] = session.shown_to_existing.public_key.to_text()
+                answer["device"] = new["device"]
+            return 200, answer
+        if action == ("POST", "reveal") and session.state == "joined":
+            key = DHPublicKey.from_text(str(body["ephemeral_key"]))
+            if not check_commitment(session.commitment, key):
+                return 400, _error_json("invalid_field")
+            session.existing_key = key.to_text()
+            session.state = "revealed"
+            return 200, {"state": "revealed"}
+        if action == ("POST", "complete") and session.state == "confirmed":
+            return self._complete_link(session, body)
+        return 409, _error_json("unexpected_message")
+
+    def _complete_link(
+        self, session: FakeLinkSession, body: Mapping[str, Any]
+    ) -> tuple[int, object]:
+        user = self.users[session.owner[0]]
+        new = session.new_device
+        assert user.certificate is not None and new is not None  # noqa: S101
+        try:
+            cert_bytes = b64url_decode(body["device_certificate"], "device_certificate")
+            cert = DeviceCertificate.decode(cert_bytes)
+            verify_device(UserCertificate.decode(user.certificate), cert)
+        except (CryptoError, ClientError):
+            return 403, _error_json("forbidden")
+        keys = new["device"]
+        if (cert.device_id, cert.signing_key.to_text(), cert.dh_key.to_text()) != (
+            keys["device_id"],
+            keys["signing_key"],
+            keys["dh_key"],
+        ):
+            return 400, _error_json("invalid_field")
+        self.log_event(EventKind.DEVICE_ADDED, user.user_id, cert_bytes)
+        user.devices[cert.device_id] = FakeDevice(
+            user.user_id,
+            cert.device_id,
+            cert_bytes,
+            cert.signing_key,
+            b64url_decode(new["signed_prekey"], "signed_prekey"),
+            [b64url_decode(o, "one_time_prekey") for o in new["one_time_prekeys"]],
+        )
+        session.payload = str(body["payload"])
+        session.state = "completed"
+        return 200, {"state": "completed", "device_id": cert.device_id, "time": self.now_ms()}
+
+
+def _error_json(code: str) -> dict[str, object]:
+    return {"error": {"code": code, "message": f"refused: {code}"}}
 
 
 def _error(code: ErrorCode, rid: int | None) -> Error:
@@ -616,6 +866,9 @@ class FakeHttp:
         headers = headers or {}
         if method == "POST" and path == "/v1/enroll":
             status, answer = relay.enroll(json.loads(body or b"{}"))
+            return succeed(_json(status, answer))
+        if path == "/v1/link" or path.startswith("/v1/link/"):
+            status, answer = relay.link_request(method, path, headers, json.loads(body or b"{}"))
             return succeed(_json(status, answer))
         if path.startswith("/v1/blobs"):
             if relay.token_owner(headers) is None:
@@ -658,6 +911,52 @@ def run_until(
     if isinstance(result, Failure):
         result.raiseException()
     return result  # type: ignore[return-value]
+
+
+# --- device links -----------------------------------------------------------------------------
+
+
+@dataclass
+class ScriptedLinkUi:
+    """A `LinkUi` that records what it was shown and answers `answer` (a bool, or a function of
+    the digits); `on_code` runs when the existing device shows its code."""
+
+    answer: bool | Callable[[LinkCheck], bool] = True
+    on_code: Callable[[LinkCode], None] | None = None
+    codes: list[LinkCode] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    checks: list[LinkCheck] = field(default_factory=list)
+
+    def show_code(self, code: LinkCode) -> None:
+        self.codes.append(code)
+        if self.on_code is not None:
+            self.on_code(code)
+
+    def status(self, text: str) -> None:
+        self.statuses.append(text)
+
+    def confirm(self, check: LinkCheck) -> Deferred[bool]:
+        self.checks.append(check)
+        answer = self.answer(check) if callable(self.answer) else self.answer
+        return succeed(answer)
+
+
+@dataclass
+class LinkOutcome:
+    """How a link ended on each side: a result, or the error that side raised (`new` is None
+    when the new device never started)."""
+
+    existing: LinkResult | Exception
+    new: ProfileInfo | Exception | None
+    existing_ui: ScriptedLinkUi
+    new_ui: ScriptedLinkUi
+
+
+def _settle(world_run: Callable[[Deferred[_T]], _T], d: Deferred[_T]) -> _T | Exception:
+    try:
+        return world_run(d)
+    except Exception as exc:  # a test inspects it
+        return exc
 
 
 # --- a whole test world -----------------------------------------------------------------------
@@ -725,51 +1024,60 @@ class ClientWorld:
             )
         )
 
+    def link(
+        self,
+        user_id: str,
+        name: str,
+        *,
+        from_name: str = "main",
+        existing_ui: ScriptedLinkUi | None = None,
+        new_ui: ScriptedLinkUi | None = None,
+        passphrase: str = TEST_PASSPHRASE,
+    ) -> LinkOutcome:
+        """Link a new device `name` for real (docs/protocol.md §16): the engine of `from_name`
+        starts the link, and the new device joins with the code it shows; both run against the
+        fake relay until each has finished."""
+        existing_ui = existing_ui or ScriptedLinkUi()
+        new_ui = new_ui or ScriptedLinkUi()
+        joining: list[Deferred[ProfileInfo]] = []
+        shown = existing_ui.on_code
+
+        def start_new(code: LinkCode) -> None:
+            if shown is not None:
+                shown(code)
+            joining.append(
+                join_link(
+                    profile_dir=self.profile_dir(user_id, name),
+                    passphrase=passphrase,
+                    server_url=TEST_SERVER_URL,
+                    code=code.code,
+                    http=self.relay.http,
+                    clock=self.clock,
+                    rng=self.rng,
+                    runner=inline_runner,
+                    ui=new_ui,
+                    seal_params=self.seal_params,
+                )
+            )
+
+        existing_ui.on_code = start_new
+        engine = self.open(user_id, from_name)
+        try:
+            existing = _settle(self.run, engine.link_device(existing_ui))
+            new: ProfileInfo | Exception | None = None
+            if joining:
+                new = _settle(self.run, joining[0])
+        finally:
+            existing_ui.on_code = shown
+            self.run(engine.close())
+        return LinkOutcome(existing, new, existing_ui, new_ui)
+
     def link_device(self, user_id: str, name: str, *, from_name: str = "main") -> ProfileInfo:
-        """Add another device to an enrolled user, certified by the same identity key, with its
-        own profile (protocol v1 has no linking flow yet: this stands in for it)."""
-        profile = self.run(
-            open_profile(
-                self.profile_dir(user_id, from_name),
-                TEST_PASSPHRASE,
-                runner=inline_runner,
-                rng=self.rng,
-            )
-        )
-        now = int(self.clock.seconds() * 1000)
-        new = generate_device(user_id, now, self.rng, identity_key=profile.secrets.identity_key)
-        self.run(profile.db.close())
-        signed = new.prekeys.current_signed_prekey
-        assert signed is not None  # noqa: S101
-        device_id = new.device.identity.device_id
-        self.relay.users[user_id].devices[device_id] = FakeDevice(
-            user_id,
-            device_id,
-            new.device_certificate.encode(),
-            new.device.signing_key.verify_key,
-            signed.encode(),
-            [r.encode() for r in new.prekeys.one_time_prekey_records()],
-        )
-        info = dataclasses.replace(
-            profile.info, device_id=device_id, device_certificate=new.device_certificate
-        )
-        header, key = new_key_derivation(TEST_PASSPHRASE, self.rng, self.seal_params)
-        conn = connect(self.profile_dir(user_id, name), create=True)
-        db = Database(conn, inline_runner)
-        sealer = Sealer(key, self.rng)
-
-        def write(txn: sqlite3.Connection) -> None:
-            create_schema_txn(txn, header)
-            write_enrollment_txn(
-                txn,
-                sealer,
-                info,
-                ProfileSecrets(new.identity_key, new.device),
-                new.prekeys,
-                next_one_time_prekey_id=ONE_TIME_PREKEYS + 1,
-                next_signed_prekey_id=2,
-            )
-
-        self.run(db.run_interaction("link_device", write))
-        self.run(db.close())
-        return info
+        """Add another device `name` to an enrolled user through the real link flow (`link`,
+        both sides confirming), and return the new profile's info."""
+        outcome = self.link(user_id, name, from_name=from_name)
+        if isinstance(outcome.existing, Exception):
+            raise outcome.existing
+        if not isinstance(outcome.new, ProfileInfo):
+            raise outcome.new or AssertionError("the new device never joined")
+        return outcome.new

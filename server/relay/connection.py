@@ -28,6 +28,7 @@ from medrelay.protocol.limits import (
     MAX_UNAUTHENTICATED_FRAME_SIZE,
 )
 from medrelay.protocol.messages import (
+    AccountCreate,
     Ack,
     Auth,
     BundleGet,
@@ -36,8 +37,12 @@ from medrelay.protocol.messages import (
     DeviceRef,
     DevicesGet,
     Direction,
+    DirectorySearch,
     Error,
     Hello,
+    LinkCreate,
+    LinkEnd,
+    LogGet,
     Message,
     PrekeysPut,
     Resume,
@@ -45,6 +50,7 @@ from medrelay.protocol.messages import (
     Welcome,
 )
 from medrelay.protocol.versions import negotiate
+from medrelay.server.policy import RequestType
 from medrelay.server.relay.delivery import DeliveryPump
 from medrelay.server.relay.errors import RelayError
 from medrelay.server.relay.states import REFUSALS, State, next_state
@@ -244,6 +250,10 @@ class ClientConnection:
                 answer = self._service.devices(device, message)
             elif isinstance(message, PrekeysPut):
                 answer = self._service.put_prekeys(device, message)
+            elif isinstance(message, LogGet):
+                answer = self._service.log_get(device, message)
+            elif isinstance(message, DirectorySearch | AccountCreate | LinkCreate | LinkEnd):
+                answer = self._service.staff_request(device, message)
             else:  # pragma: no cover - the transition table admits nothing else
                 raise TypeError(f"no handler for {message.TYPE}")
             self._track(answer, message.rid)
@@ -269,6 +279,10 @@ class ClientConnection:
 
     def _ack(self, message: Ack) -> None:
         device = self._require_device()
+        refused = self._service.own_refusal(device, RequestType.ACK)
+        if refused is not None:  # ack has no rid: the refusal names none
+            self._refuse(refused.code, refused.message, None)
+            return
         delivered = self.pump.acknowledged(message.seqs) if self.pump is not None else 0
         self._service.acknowledge(device, message.seqs, delivered)
 

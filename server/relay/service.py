@@ -2,8 +2,10 @@
 
 `RelayService` is the policy layer between transport adapters and storage. It holds the table of
 connected devices, feeds every write through the group-commit `WriteBatcher`, and pushes what a
-commit queued to the devices that are online. Time and randomness come from the injected clock
-and rng; storage is any `RelayStore`.
+commit queued to the devices that are online. Every request is decided by the policy table
+(`medrelay.server.policy`): sends inside the store's transaction, the others here before the
+store is asked. Time and randomness come from the injected clock and rng; storage is any
+`RelayStore`.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from medrelay.crypto.certificates import Role
 from medrelay.crypto.errors import CryptoError
 from medrelay.crypto.keys import VerifyKey
 from medrelay.crypto.rng import Rng
@@ -34,6 +37,7 @@ from medrelay.protocol.limits import (
     TOKEN_SIZE,
 )
 from medrelay.protocol.messages import (
+    AccountCreate,
     Auth,
     Authenticated,
     Bundle,
@@ -42,7 +46,11 @@ from medrelay.protocol.messages import (
     DeviceEntry,
     DeviceList,
     DevicesGet,
+    DirectorySearch,
     Limits,
+    LinkCreate,
+    LinkEnd,
+    LogGet,
     Message,
     PrekeysLow,
     PrekeysPut,
@@ -52,6 +60,13 @@ from medrelay.protocol.messages import (
     Sent,
 )
 from medrelay.server.metrics import SEND_OUTCOMES, RelayMetrics
+from medrelay.server.policy import (
+    Relationship,
+    RequestType,
+    Standing,
+    authorize,
+    authorize_standing,
+)
 from medrelay.server.relay.connection import ClientConnection, ConnectionTransport
 from medrelay.server.relay.delivery import DeliveryPump
 from medrelay.server.relay.errors import RelayError, unknown_user
@@ -64,10 +79,13 @@ from medrelay.server.relay.store import (
     QueuedItem,
     RelayStore,
     SendAccepted,
-    SendPolicy,
     SendRequest,
     WriteLimits,
 )
+from medrelay.server.transparency import TransparencyLog
+
+if TYPE_CHECKING:
+    from medrelay.server.staff import StaffService
 
 _log = Logger()
 
@@ -142,10 +160,13 @@ class RelayService(Service):
         clock: IReactorTime,
         rng: Rng,
         config: RelayConfig,
-        policy: SendPolicy,
         metrics: RelayMetrics,
+        identity_log: TransparencyLog | None = None,
+        staff: StaffService | None = None,
     ) -> None:
         self.store = store
+        self.identity_log = identity_log
+        self.staff = staff
         self.clock = clock
         self.rng = rng
         self.config = config
@@ -154,7 +175,7 @@ class RelayService(Service):
         self.batcher = WriteBatcher(
             clock,
             store,
-            WriteLimits(ttl_ms=config.ttl_s * 1000, queue_cap=config.queue_cap, policy=policy),
+            WriteLimits(ttl_ms=config.ttl_s * 1000, queue_cap=config.queue_cap),
             metrics,
             on_notices=self._push,
         )
@@ -385,6 +406,35 @@ class RelayService(Service):
         for connection in dirty:
             connection.flush()
 
+    # -- the policy table for requests other than sends ------------------------------------
+
+    @staticmethod
+    def own_refusal(device: DeviceRecord, request: RequestType) -> RelayError | None:
+        """The table's verdict on a request about the device's own account (prekeys_put, ack,
+        one's own bundles or devices). The session proves the account is active."""
+        role = Role(device.role)
+        return authorize(
+            request, role, role, Relationship.NONE, target_name=device.username, own_account=True
+        )
+
+    def authorized(
+        self, device: DeviceRecord, request: RequestType, username: str
+    ) -> Deferred[None]:
+        """Fires when the table lets `device` make `request` about user `username`; fails with
+        the refusal (`unknown_user` for no such account) otherwise."""
+        if username == device.username:
+            refused = self.own_refusal(device, request)
+            return _failed(refused) if refused is not None else succeed(None)
+
+        def check(standing: Standing | None) -> None:
+            if standing is None:
+                raise unknown_user(username)
+            refusal = authorize_standing(request, Role(device.role), standing)
+            if refusal is not None:
+                raise refusal
+
+        return self.store.standing(device.username, username, self.now_ms()).addCallback(check)
+
     def acknowledge(self, device: DeviceRecord, seqs: Sequence[int], delivered: int) -> None:
         self.batcher.ack(device.pk, tuple(seqs))
         if delivered:
@@ -420,7 +470,9 @@ class RelayService(Service):
                 ),
             )
 
-        return self.store.take_bundles(message.user).addCallback(answer)
+        d = self.authorized(device, RequestType.BUNDLE_GET, message.user)
+        # Only an allowed request consumes one-time prekeys.
+        return d.addCallback(lambda _: self.store.take_bundles(message.user)).addCallback(answer)
 
     def devices(self, device: DeviceRecord, message: DevicesGet) -> Deferred[Message]:
         def answer(record: DeviceListRecord | None) -> Message:
@@ -436,9 +488,50 @@ class RelayService(Service):
                 ),
             )
 
-        return self.store.list_devices(message.user).addCallback(answer)
+        d = self.authorized(device, RequestType.DEVICES_GET, message.user)
+        return d.addCallback(lambda _: self.store.list_devices(message.user)).addCallback(answer)
+
+    def log_get(self, device: DeviceRecord, message: LogGet) -> Deferred[Message]:
+        """The identity log's checkpoint, proofs and a user's chain (docs/protocol.md §13)."""
+        identity_log = self.identity_log
+        if identity_log is None:
+            return _failed(RelayError(ErrorCode.NOT_FOUND, "this server serves no identity log"))
+        # A user's chain names their devices: the policy table's devices_get rule applies
+        # (docs/protocol.md §14); without `user`, the request is about one's own view.
+        d = self.authorized(device, RequestType.LOG_GET, message.user or device.username)
+
+        def answer(_: None) -> Deferred[Message]:
+            return identity_log.answer(message)  # type: ignore[return-value]
+
+        return d.addCallback(answer)
+
+    def staff_request(
+        self,
+        device: DeviceRecord,
+        message: DirectorySearch | AccountCreate | LinkCreate | LinkEnd,
+    ) -> Deferred[Message]:
+        """The directory, account creation and care links (`medrelay.server.staff`, which
+        applies the policy table to each)."""
+        staff = self.staff
+        if staff is None:
+            return _failed(
+                RelayError(ErrorCode.NOT_FOUND, f"this server does not serve {message.TYPE}")
+            )
+        answer: Deferred[Message]
+        if isinstance(message, DirectorySearch):
+            answer = staff.search(device, message)  # type: ignore[assignment]
+        elif isinstance(message, AccountCreate):
+            answer = staff.create_account(device, message)  # type: ignore[assignment]
+        elif isinstance(message, LinkCreate):
+            answer = staff.create_link(device, message)  # type: ignore[assignment]
+        else:
+            answer = staff.end_link(device, message)  # type: ignore[assignment]
+        return answer
 
     def put_prekeys(self, device: DeviceRecord, message: PrekeysPut) -> Deferred[Message]:
+        refused = self.own_refusal(device, RequestType.PREKEYS_PUT)
+        if refused is not None:
+            return _failed(refused)
         try:
             self._validate_prekeys(device, message)
         except RelayError as exc:
@@ -467,7 +560,7 @@ class RelayService(Service):
             ) from None
 
 
-def _failed(error: RelayError) -> Deferred[Message]:
-    d: Deferred[Message] = Deferred()
+def _failed(error: RelayError) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
     d.errback(error)
     return d

@@ -244,8 +244,15 @@ def _new_passphrase(config: Config, env: Environment) -> str:
     help="Keep the existing keys, but seal the root key under a new passphrase (for keys "
     "created automatically on a first start).",
 )
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
-def init(ctx: click.Context, config_path: Path | None, data_dir: Path | None, reseal: bool) -> None:
+def init(
+    ctx: click.Context,
+    config_path: Path | None,
+    data_dir: Path | None,
+    reseal: bool,
+    json_mode: bool,
+) -> None:
     """Create the clinic keys (root key sealed by a passphrase, issuing key, log key).
 
     The passphrase comes from $MEDRELAY_ROOT_PASSPHRASE, keys.root_passphrase_path, or a prompt.
@@ -256,6 +263,10 @@ def init(ctx: click.Context, config_path: Path | None, data_dir: Path | None, re
     try:
         if reseal:
             _reseal(config, env)
+            if json_mode:
+                click.echo(json.dumps({"resealed": True, "keys_dir": str(keys_dir)}))
+            else:
+                click.echo(f"the root key in {keys_dir} is now sealed under the new passphrase")
             return
         if clinic_keys_exist(keys_dir):
             hint = (
@@ -276,6 +287,10 @@ def init(ctx: click.Context, config_path: Path | None, data_dir: Path | None, re
         )
     except ClinicKeyError as exc:
         fail(str(exc))
+    if json_mode:
+        summary = {"clinic": keys.clinic_id, "keys_dir": str(keys_dir)}
+        click.echo(json.dumps({**summary, "root_key": keys.root_key.to_text()}))
+        return
     click.echo(f"created the keys of clinic {keys.clinic_id} in {keys_dir}")
     click.echo(f"root key: {keys.root_key.to_text()}")
     click.echo(
@@ -297,7 +312,6 @@ def _reseal(config: Config, env: Environment) -> None:
         rng=env.rng,
         seal_params=env.seal_params,
     )
-    click.echo(f"the root key in {keys_dir} is now sealed under the new passphrase")
 
 
 # --- migrate ------------------------------------------------------------------------------------
@@ -305,8 +319,11 @@ def _reseal(config: Config, env: Environment) -> None:
 
 @cli.command()
 @_location_options
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
-def migrate(ctx: click.Context, config_path: Path | None, data_dir: Path | None) -> None:
+def migrate(
+    ctx: click.Context, config_path: Path | None, data_dir: Path | None, json_mode: bool
+) -> None:
     """Bring the database schema to this version (serve also does it at start)."""
     env = _environment(ctx)
     config = _load(env, config_path, Overrides(data_dir=data_dir))
@@ -314,7 +331,9 @@ def migrate(ctx: click.Context, config_path: Path | None, data_dir: Path | None)
         before, now = admin.migrate(config)
     except admin.AdminError as exc:
         fail(str(exc))
-    if before == now:
+    if json_mode:
+        click.echo(json.dumps({"from": before, "to": now}))
+    elif before == now:
         click.echo(f"the database is up to date (revision {now})")
     else:
         click.echo(f"migrated the database from revision {before or 'none'} to {now}")
@@ -860,8 +879,11 @@ def log_verify(
 
 @log_group.command(name="checkpoint")
 @_location_options
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
-def log_checkpoint(ctx: click.Context, config_path: Path | None, data_dir: Path | None) -> None:
+def log_checkpoint(
+    ctx: click.Context, config_path: Path | None, data_dir: Path | None, json_mode: bool
+) -> None:
     """Print the log's current checkpoint, signed by the log key (compare it with what clients
     and auditors hold: two different checkpoints of one size prove a forked log)."""
     env = _environment(ctx)
@@ -870,7 +892,10 @@ def log_checkpoint(ctx: click.Context, config_path: Path | None, data_dir: Path 
         note = resolved(database.run_interaction("log_checkpoint", signed_checkpoint_txn, keys))
     finally:
         database.close()
-    click.echo(note, nl=False)
+    if json_mode:
+        click.echo(json.dumps({"checkpoint": note}))
+    else:
+        click.echo(note, nl=False)
 
 
 # --- admin: revocation ---------------------------------------------------------------------------

@@ -124,3 +124,23 @@ def test_front_desk_creates_and_links_a_patient_who_then_sees_a_verified_care_te
     for check in (("audit", "verify"), ("log", "verify")):
         done = live.command(*check)
         assert done.returncode == 0, done.stderr
+
+
+def test_clients_follow_a_rotation_of_the_clinic_keys(live: LiveServer, tmp_path: Path) -> None:
+    """Rotate both online keys while the clinic runs, restart: a client enrolled before the
+    rotation trusts a colleague certified by the new issuing key and checkpoints signed by the
+    new log key (both certified by the root key it pinned), and still its old peers."""
+    alice = enroll(live, tmp_path, "dr.ivanova", "doctor")
+    enroll(live, tmp_path, "dr.sidorov", "doctor")
+    alice.send("dr.sidorov", "before the rotation")
+    for which in ("issuing", "log"):
+        done = live.command("keys", "rotate", which)  # first-start keys: no passphrase to type
+        assert done.returncode == 0, done.stderr
+    live.stop()
+    live.start()
+    newcomer = enroll(live, tmp_path, "nurse.petrova", "nurse")
+    alice.send("nurse.petrova", "after the rotation")
+    alice.send("dr.sidorov", "still trusted")
+    assert [m["text"] for m in newcomer.inbox()] == ["after the rotation"]
+    report = json.loads(live.command("log", "verify", "--json").stdout)
+    assert report["ok"] is True

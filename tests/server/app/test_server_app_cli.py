@@ -318,3 +318,14 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
         assert command in result.stdout
     sub = run(tmp_path, "admin", "--help")
     assert "add-user" in sub.stdout
+
+
+def test_every_operator_command_speaks_json(tmp_path: Path) -> None:
+    created = run(tmp_path, "init", "--json", MEDRELAY_ROOT_PASSPHRASE=ROOT_PASSPHRASE)
+    assert created.exit_code == 0, created.output
+    keys = json.loads(created.output)
+    assert keys["clinic"] == "clinic.test" and keys["root_key"].startswith("ed25519-v1:")
+    migrated = json.loads(run(tmp_path, "migrate", "--json").output)
+    assert migrated["to"] is not None
+    note = json.loads(run(tmp_path, "log", "checkpoint", "--json").output)["checkpoint"]
+    assert note.startswith("medrelay/clinic.test/identity-log\n")

@@ -41,7 +41,14 @@ from medrelay.server.admin import add_user_txn, audited_link_txn
 from medrelay.server.config import EnrollmentSection
 from medrelay.server.enrollment import check_profile, new_enrollment_code, normalize_code
 from medrelay.server.hashing import PasswordWorker
-from medrelay.server.policy import Relationship, RequestType, authorize, authorize_standing
+from medrelay.server.policy import (
+    Decision,
+    Relationship,
+    RequestType,
+    authorize,
+    authorize_standing,
+    decide,
+)
 from medrelay.server.relay.errors import RelayError
 from medrelay.server.relay.store import DeviceRecord
 from medrelay.server.storage import care
@@ -128,7 +135,12 @@ def search_txn(
         )
         if not _matches(candidate, message):
             continue
-        if candidate.username != requester.username:
+        free = (
+            decide(RequestType.DIRECTORY_SEARCH, role, candidate.role, Relationship.NONE)
+            is Decision.ALLOWED
+        )
+        # Only a pair the table allows just with a care link costs a look at the links.
+        if candidate.username != requester.username and not free:
             standing = care.standing_txn(conn, requester.username, candidate.username, now_ms)
             if standing is None or authorize_standing(RequestType.DIRECTORY_SEARCH, role, standing):
                 continue

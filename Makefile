@@ -47,8 +47,10 @@ typecheck: install
 
 # Call the pytest entry point, never `python -m pytest`: the latter puts the repo root on sys.path
 # and makes the bare folder names importable (tests/test_packaging.py guards against it).
+# One pytest worker per core (pytest-xdist); PYTEST_WORKERS=0 runs in this process, e.g. to debug.
+PYTEST_WORKERS ?= auto
 unit: install
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -156,6 +156,72 @@ def add_user(
     return NewAccount(username, role, code, expires_ms)
 
 
+def reset_code(
+    database: Database,
+    *,
+    username: str,
+    now_ms: int,
+    code_ttl_hours: int,
+    hasher: PasswordHasher,
+    rng: Rng,
+) -> NewAccount:
+    """A new one-time code for an account that has not enrolled yet (a lost or expired slip);
+    the previous code stops working. An enrolled account is refused: its new devices are
+    linked from an existing one, and a lost last device means revoking and re-creating it."""
+    code = new_enrollment_code(rng)
+    code_hash = hasher.hash(normalize_code(code), rng)
+    expires_ms = now_ms + code_ttl_hours * 3600 * 1000
+    try:
+        outcome = resolved(
+            database.run_interaction(
+                "admin_reset_code",
+                _reset_code_txn,
+                username=username,
+                code_hash=code_hash,
+                now_ms=now_ms,
+                expires_ms=expires_ms,
+            )
+        )
+    except StorageError as exc:
+        raise AdminError(f"database: {exc}") from None
+    if isinstance(outcome, str):
+        raise AdminError(outcome)
+    return NewAccount(username, outcome, code, expires_ms)
+
+
+def _reset_code_txn(
+    conn: Connection, /, *, username: str, code_hash: str, now_ms: int, expires_ms: int
+) -> Role | str:
+    """The account's role after replacing its code, or the reason it was refused (audited
+    either way, in this transaction)."""
+    account = accounts.get_account_txn(conn, username)
+    refusal = None
+    if account is None:
+        refusal = f"there is no account named {username!r}"
+    elif not account.active:
+        refusal = f"the account {username} is revoked"
+    elif account.enrolled:
+        refusal = (
+            f"{username} has already enrolled; link a new device from an existing one "
+            "(medrelay devices link), or revoke the account and create a new one"
+        )
+    else:
+        accounts.replace_enrollment_code_txn(
+            conn, account.pk, code_hash=code_hash, now_ms=now_ms, expires_ms=expires_ms
+        )
+    audit.append_audit_txn(
+        conn,
+        actor=audit.OPERATOR,
+        action=audit.AuditAction.ENROLLMENT_CODE_ISSUE,
+        target=_audit_name(username),
+        result=audit.AuditResult.OK if refusal is None else audit.AuditResult.REFUSED,
+        now_ms=now_ms,
+    )
+    if refusal is not None or account is None:
+        return refusal or "no account"
+    return Role(account.role)
+
+
 def add_user_txn(
     conn: Connection,
     /,

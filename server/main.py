@@ -414,6 +414,17 @@ def add_user(
             click.echo(json.dumps(error), err=True)
             sys.exit(EXIT_FAILED)
         fail(str(exc))
+    _hand_over(account, config, slip_path, json_mode, f"created {account.role.value} account")
+
+
+def _hand_over(
+    account: admin.NewAccount,
+    config: Config,
+    slip_path: Path | None,
+    json_mode: bool,
+    what: str,
+) -> None:
+    """Print a new enrollment code (and write its slip): the one time it is ever shown."""
     expires = datetime.datetime.fromtimestamp(account.expires_ms / 1000, tz=datetime.UTC)
     expires_text = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
     if slip_path is not None:
@@ -428,10 +439,8 @@ def add_user(
             write_slip(slip_path, slip)
         except OSError as exc:
             fail(
-                f"created {account.username}, but could not write the slip {slip_path} "
-                f"({exc.strerror}); the code is printed below"
-                if not json_mode
-                else f"created {account.username}, but could not write the slip ({exc.strerror})"
+                f"{account.username}: could not write the slip {slip_path} ({exc.strerror}); "
+                "issue a new code with `admin reset-code`"
             )
     if json_mode:
         click.echo(
@@ -446,9 +455,54 @@ def add_user(
             )
         )
         return
-    click.echo(f"created {account.role.value} account {account.username}")
+    click.echo(f"{what} {account.username}")
     click.echo(f"enrollment code: {account.enrollment_code}")
     click.echo(f"valid once, until {expires_text}; hand it to the person in person")
+
+
+@admin_group.command(name="reset-code")
+@click.argument("username")
+@click.option(
+    "--slip",
+    "slip_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a printable enrollment slip to this new file.",
+)
+@_location_options
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def reset_code(
+    ctx: click.Context,
+    *,
+    username: str,
+    slip_path: Path | None,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+) -> None:
+    """Give an account that has not enrolled yet a new one-time code (a lost or expired slip);
+    the old code stops working."""
+    env = _environment(ctx)
+    config = _load(env, config_path, Overrides(data_dir=data_dir))
+    if slip_path is not None:
+        _check_slip_path(slip_path)
+    try:
+        database = admin.open_admin_database(config)
+        try:
+            account = admin.reset_code(
+                database,
+                username=username,
+                now_ms=int(env.now() * 1000),
+                code_ttl_hours=config.enrollment.code_ttl_hours,
+                hasher=PasswordHasher(config.passwords),
+                rng=env.rng,
+            )
+        finally:
+            database.close()
+    except admin.AdminError as exc:
+        fail(str(exc))
+    _hand_over(account, config, slip_path, json_mode, f"new code for {account.role.value} account")
 
 
 def _check_slip_path(path: Path) -> None:

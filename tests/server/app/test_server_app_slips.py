@@ -4,12 +4,13 @@ account exists, so no code is ever lost."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import stat
 from pathlib import Path
 
 from click.testing import CliRunner, Result
-from server_app_support import CHEAP_ENV, NOW_MS, NOW_S
+from server_app_support import CHEAP_ENV, NOW_MS, NOW_S, enrollment_body, identity_world
 
 from medrelay.crypto.rng import seeded_rng
 from medrelay.crypto.sealing import SealParams
@@ -17,12 +18,14 @@ from medrelay.server.config import ServerSection
 from medrelay.server.main import Environment, cli
 from medrelay.server.slips import Slip, render, server_url
 
+_RUNS = itertools.count()
+
 
 def run(tmp_path: Path, *args: str, **env: str) -> Result:
     environment = Environment(
         environ={**CHEAP_ENV, **env},
         cwd=tmp_path,
-        rng=seeded_rng(b"slip tests"),
+        rng=seeded_rng(b"slip tests %d" % next(_RUNS)),  # each command its own draws
         now=lambda: NOW_S,
         seal_params=SealParams.for_tests(),
     )
@@ -75,3 +78,26 @@ def test_the_listening_address_stands_in_for_a_missing_public_url() -> None:
     assert server_url(ServerSection(host="::1", port=9000)) == "http://[::1]:9000"
     slip = Slip("petrov", "patient", "ABCD-EFGH-JKMN", NOW_MS, "http://127.0.0.1:8448")
     assert "ABCD-EFGH-JKMN" in render(slip) and "UTC" in render(slip)
+
+
+def test_reset_code_replaces_a_lost_code_until_the_account_enrolls(tmp_path: Path) -> None:
+    world = identity_world(tmp_path, b"reset code tests")
+    try:
+        first = json.loads(add_patient(tmp_path, "--json").output)["enrollment_code"]
+        slip = tmp_path / "again.txt"
+        reset = run(tmp_path, "admin", "reset-code", "petrov", "--slip", str(slip), "--json")
+        assert reset.exit_code == 0, reset.output
+        second = json.loads(reset.output)["enrollment_code"]
+        assert second != first and second in slip.read_text(encoding="utf-8")
+        body, _ = enrollment_body("petrov", first, world.rng)
+        assert world.http.post_json("/v1/enroll", body).status == 403  # the old code is dead
+        world.enroll_with("petrov", second)
+        refused = run(tmp_path, "admin", "reset-code", "petrov")
+        assert refused.exit_code == 1 and "already enrolled" in refused.output
+        unknown = run(tmp_path, "admin", "reset-code", "nobody")
+        assert unknown.exit_code == 1 and "no account named" in unknown.output
+        audited = run(tmp_path, "audit", "show", "--action", "enrollment_code_issue", "--json")
+        results = [record["result"] for record in json.loads(audited.output)["records"]]
+        assert results == ["ok", "refused", "refused"]
+    finally:
+        world.database.close()

@@ -342,6 +342,15 @@ def migrate(
 # --- admin --------------------------------------------------------------------------------------
 
 
+_slip_option = click.option(
+    "--slip",
+    "slip_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a printable enrollment slip (code, server, instructions) to this new file.",
+)
+
+
 @cli.group(name="admin")
 def admin_group() -> None:
     """Accounts, enrollment codes and care links."""
@@ -358,13 +367,7 @@ def admin_group() -> None:
 @click.option("--name", "display_name", required=True, help='Display name, e.g. "Dr. Ivanova".')
 @click.option("--specialty", default=None, help="Specialty, e.g. cardiology (optional).")
 @click.option("--department", default=None, help="Department (optional).")
-@click.option(
-    "--slip",
-    "slip_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write a printable enrollment slip (code, server, instructions) to this new file.",
-)
+@_slip_option
 @_location_options
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
@@ -462,13 +465,7 @@ def _hand_over(
 
 @admin_group.command(name="reset-code")
 @click.argument("username")
-@click.option(
-    "--slip",
-    "slip_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write a printable enrollment slip to this new file.",
-)
+@_slip_option
 @_location_options
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from medrelay.server.storage.devices import DeviceRow, get_device_by_pk_txn
+from medrelay.server.storage.devices import DeviceRow, add_device_txn
 from medrelay.server.storage.errors import AccountExists, DeviceExists, EnrollmentConflict
-from medrelay.server.storage.prekeys import add_one_time_prekeys_txn, set_signed_prekey_txn
 from medrelay.server.storage.schema import accounts, devices, enrollment_codes
 from medrelay.server.storage.sql import insert_for
 
@@ -264,22 +263,13 @@ def complete_enrollment_txn(
         .where(accounts.c.pk == account_id)
         .values(identity_key=identity_key, user_certificate=user_certificate)
     )
-    device_pk = conn.execute(
-        sa.insert(devices)
-        .values(
-            account_pk=account_id,
-            device_id=device_id,
-            certificate=device_certificate,
-            signing_key=signing_key,
-            created_at=now_ms,
-            revoked_at=None,
-            queued_count=0,
-        )
-        .returning(devices.c.pk)
-    ).scalar_one()
-    set_signed_prekey_txn(conn, device_pk, signed_prekey, now_ms)
-    add_one_time_prekeys_txn(conn, device_pk, one_time_prekeys)
-    device = get_device_by_pk_txn(conn, device_pk)
-    if device is None:  # pragma: no cover - inserted above in this transaction
-        raise RuntimeError("the enrolled device vanished inside its own transaction")
-    return device
+    return add_device_txn(
+        conn,
+        account_id=account_id,
+        device_id=device_id,
+        certificate=device_certificate,
+        signing_key=signing_key,
+        signed_prekey=signed_prekey,
+        one_time_prekeys=one_time_prekeys,
+        now_ms=now_ms,
+    )

@@ -25,11 +25,8 @@ lower case or without dashes works.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred, fail
@@ -49,17 +46,24 @@ from medrelay.crypto.identity import DeviceIdentity, check_id
 from medrelay.crypto.keys import SigningKey, VerifyKey
 from medrelay.crypto.rng import Rng
 from medrelay.crypto.transparency import EventKind
-from medrelay.crypto.x3dh import OneTimePrekey, SignedPrekey
+from medrelay.crypto.x3dh import SignedPrekey
 from medrelay.protocol.errors import ErrorCode
 from medrelay.protocol.limits import (
     MAX_CERTIFICATE_SIZE,
-    MAX_ONE_TIME_PREKEYS_PER_UPLOAD,
-    MAX_PREKEY_SIZE,
 )
 from medrelay.server.audit import AuditAction, AuditResult, append_audit_txn
 from medrelay.server.clinic import BACKDATE_MS, ClinicKeys, random_serial
 from medrelay.server.config import EnrollmentSection
 from medrelay.server.hashing import PasswordWorker
+from medrelay.server.jsonbody import (
+    b64url,
+    decoded,
+    invalid,
+    key_text,
+    one_time_prekeys,
+    parse_object,
+    signed_prekey,
+)
 from medrelay.server.metrics import RelayMetrics
 from medrelay.server.relay.errors import RelayError
 from medrelay.server.storage import accounts
@@ -173,111 +177,39 @@ class EnrollmentRequest:
         return f"EnrollmentRequest(<{len(self.one_time_prekeys)} one-time prekeys>)"
 
 
-def _invalid(field: str, problem: str) -> RelayError:
-    return RelayError(ErrorCode.INVALID_FIELD, f"{field}: {problem}")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _invalid(key, "appears twice")
-        result[key] = value
-    return result
-
-
-def b64url_decode(value: object, field: str, max_bytes: int) -> bytes:
-    """Strict unpadded base64url (one text per value), bounded before decoding."""
-    if not isinstance(value, str):
-        raise _invalid(field, "must be a base64url string")
-    if len(value) > (max_bytes * 4 + 2) // 3:
-        raise _invalid(field, f"longer than {max_bytes} bytes")
-    try:
-        data = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    except (ValueError, binascii.Error):
-        raise _invalid(field, "is not base64url") from None
-    if base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii") != value:
-        raise _invalid(field, "is not canonical unpadded base64url")
-    if not data:
-        raise _invalid(field, "is empty")
-    return data
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def parse_enrollment_request(body: bytes) -> EnrollmentRequest:
     """The request of POST /v1/enroll, every field checked for shape (`invalid_field` naming
     the field). Signatures are checked by `EnrollmentService.check_request`."""
-    if len(body) > MAX_ENROLLMENT_BODY:
-        raise RelayError(
-            ErrorCode.PAYLOAD_TOO_LARGE, f"the request is larger than {MAX_ENROLLMENT_BODY} bytes"
-        )
-    try:
-        document = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError):
-        raise _invalid("body", "is not a JSON object") from None
-    if not isinstance(document, dict):
-        raise _invalid("body", "is not a JSON object")
-    for key in document:
-        if key not in _FIELDS:
-            raise _invalid(str(key)[:64], "unknown field")
-    for key in _FIELDS:
-        if key not in document:
-            raise _invalid(key, "missing")
+    document = parse_object(body, _FIELDS, max_bytes=MAX_ENROLLMENT_BODY)
     username = document["username"]
     if not isinstance(username, str):
-        raise _invalid("username", "must be a string")
+        raise invalid("username", "must be a string")
     try:
         check_id(username, "username")
     except ValueError as exc:
-        raise _invalid("username", str(exc)) from None
+        raise invalid("username", str(exc)) from None
     code = document["code"]
     if not isinstance(code, str) or not code.strip() or len(code) > MAX_CODE_CHARS:
-        raise _invalid("code", f"must be a string of 1 to {MAX_CODE_CHARS} characters")
-    identity_text = document["identity_key"]
-    if not isinstance(identity_text, str) or len(identity_text) > 128:
-        raise _invalid("identity_key", "must be an ed25519-v1: key")
-    try:
-        identity_key = VerifyKey.from_text(identity_text)
-    except CryptoError as exc:
-        raise _invalid("identity_key", str(exc)) from None
-    cert_bytes = b64url_decode(
-        document["device_certificate"], "device_certificate", MAX_CERTIFICATE_SIZE
+        raise invalid("code", f"must be a string of 1 to {MAX_CODE_CHARS} characters")
+    identity_key = key_text(
+        document["identity_key"], "identity_key", VerifyKey.from_text, "an ed25519-v1: key"
     )
-    try:
-        device_certificate = DeviceCertificate.decode(cert_bytes)
-    except CryptoError as exc:
-        raise _invalid("device_certificate", str(exc)) from None
-    spk_bytes = b64url_decode(document["signed_prekey"], "signed_prekey", MAX_PREKEY_SIZE)
-    try:
-        signed_prekey = SignedPrekey.decode(spk_bytes)
-    except CryptoError as exc:
-        raise _invalid("signed_prekey", str(exc)) from None
-    raw_otks = document["one_time_prekeys"]
-    if not isinstance(raw_otks, list) or len(raw_otks) > MAX_ONE_TIME_PREKEYS_PER_UPLOAD:
-        raise _invalid(
-            "one_time_prekeys", f"must be a list of at most {MAX_ONE_TIME_PREKEYS_PER_UPLOAD}"
-        )
-    one_time: list[bytes] = []
-    for index, item in enumerate(raw_otks):
-        field = f"one_time_prekeys[{index}]"
-        data = b64url_decode(item, field, MAX_PREKEY_SIZE)
-        try:
-            OneTimePrekey.decode(data)
-        except CryptoError as exc:
-            raise _invalid(field, str(exc)) from None
-        one_time.append(data)
+    device_certificate, cert_bytes = decoded(
+        document["device_certificate"],
+        "device_certificate",
+        MAX_CERTIFICATE_SIZE,
+        DeviceCertificate.decode,
+    )
+    spk, spk_bytes = signed_prekey(document["signed_prekey"])
     return EnrollmentRequest(
         username=username,
         code=normalize_code(code),
         identity_key=identity_key,
         device_certificate=device_certificate,
         device_certificate_bytes=cert_bytes,
-        signed_prekey=signed_prekey,
+        signed_prekey=spk,
         signed_prekey_bytes=spk_bytes,
-        one_time_prekeys=tuple(one_time),
+        one_time_prekeys=one_time_prekeys(document["one_time_prekeys"]),
     )
 
 
@@ -286,13 +218,13 @@ def check_request(request: EnrollmentRequest) -> DeviceIdentity:
     identity key; the signed prekey is this device's and signed by its signing key."""
     cert = request.device_certificate
     if cert.user_id != request.username:
-        raise _invalid("device_certificate", "names another user")
+        raise invalid("device_certificate", "names another user")
     if cert.identity_key_hash != key_hash(request.identity_key):
-        raise _invalid("device_certificate", "is not certified by identity_key")
+        raise invalid("device_certificate", "is not certified by identity_key")
     try:
         request.identity_key.verify(DEVICE_CONTEXT + cert.tbs_bytes(), cert.signature)
     except BadSignature:
-        raise _invalid("device_certificate", "signature does not verify") from None
+        raise invalid("device_certificate", "signature does not verify") from None
     identity = DeviceIdentity(
         user_id=cert.user_id,
         device_id=cert.device_id,
@@ -303,7 +235,7 @@ def check_request(request: EnrollmentRequest) -> DeviceIdentity:
     try:
         request.signed_prekey.verify(identity)
     except CryptoError as exc:
-        raise _invalid("signed_prekey", str(exc)) from None
+        raise invalid("signed_prekey", str(exc)) from None
     return identity
 
 

@@ -51,9 +51,8 @@ proxy) and we keep none in memory.
 from __future__ import annotations
 
 import enum
-import json
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -63,7 +62,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from medrelay.crypto.certificates import DEVICE_CONTEXT, DeviceCertificate, key_hash
-from medrelay.crypto.errors import BadSignature, CryptoError
+from medrelay.crypto.errors import BadSignature
 from medrelay.crypto.identity import check_id
 from medrelay.crypto.kdf import constant_time_equal, sha256
 from medrelay.crypto.keys import DHPublicKey, VerifyKey
@@ -77,18 +76,25 @@ from medrelay.crypto.linking import (
 )
 from medrelay.crypto.rng import Rng
 from medrelay.crypto.transparency import EventKind
-from medrelay.crypto.x3dh import OneTimePrekey, SignedPrekey
 from medrelay.protocol.errors import ErrorCode
 from medrelay.protocol.limits import (
     MAX_CERTIFICATE_SIZE,
     MAX_DEVICES_PER_USER,
-    MAX_ONE_TIME_PREKEYS_PER_UPLOAD,
-    MAX_PREKEY_SIZE,
     TOKEN_SIZE,
 )
 from medrelay.server.audit import AuditAction, AuditResult, append_audit_txn
 from medrelay.server.blobs import parse_bearer, token_invalid
-from medrelay.server.enrollment import b64url, b64url_decode
+from medrelay.server.jsonbody import (
+    b64url,
+    b64url_decode,
+    decoded,
+    fields_of,
+    invalid,
+    key_text,
+    one_time_prekeys,
+    parse_object,
+    signed_prekey,
+)
 from medrelay.server.relay.errors import RelayError
 from medrelay.server.relay.service import token_digest
 from medrelay.server.relay.store import DeviceRecord, RelayStore
@@ -107,7 +113,7 @@ MAX_OPEN_LINKS: Final = 64
 MAX_FAILED_JOINS: Final = 100
 MAX_LINK_BODY: Final = 32 * 1024
 """The largest body of any link request (N's keys with 200 one-time prekeys take ~14 KiB)."""
-MAX_KEY_TEXT: Final = 128
+_KEY_TEXT: Final = "a key in its text form"
 
 
 class LinkState(enum.Enum):
@@ -182,10 +188,6 @@ def too_many_failures() -> RelayError:
         "too many wrong link codes were tried on this server recently; wait a few minutes "
         "and try again",
     )
-
-
-def _invalid(field: str, problem: str) -> RelayError:
-    return RelayError(ErrorCode.INVALID_FIELD, f"{field}: {problem}")
 
 
 def _refused(message: str) -> RelayError:
@@ -263,90 +265,39 @@ def _unexpected(session: LinkSession) -> RelayError:
 # --- request bodies -----------------------------------------------------------------------------
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _invalid(str(key)[:64], "appears twice")
-        result[key] = value
-    return result
-
-
-def parse_object(body: bytes, fields: Sequence[str]) -> dict[str, Any]:
-    """A JSON object with exactly `fields` (an empty body counts as `{}`)."""
-    if len(body) > MAX_LINK_BODY:
-        raise RelayError(
-            ErrorCode.PAYLOAD_TOO_LARGE, f"the request is larger than {MAX_LINK_BODY} bytes"
-        )
-    try:
-        document = json.loads(body.decode("utf-8") or "{}", object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError):
-        raise _invalid("body", "is not a JSON object") from None
-    return _fields(document, fields, "body")
-
-
-def _fields(document: object, fields: Sequence[str], what: str) -> dict[str, Any]:
-    if not isinstance(document, dict):
-        raise _invalid(what, "is not a JSON object")
-    for key in document:
-        if key not in fields:
-            raise _invalid(str(key)[:64], "unknown field")
-    for key in fields:
-        if key not in document:
-            raise _invalid(key, "missing")
-    return document
-
-
-def _key_text(value: object, field: str, parse: Callable[[str], _T]) -> _T:
-    if not isinstance(value, str) or len(value) > MAX_KEY_TEXT:
-        raise _invalid(field, "must be a key in its text form")
-    try:
-        return parse(value)
-    except CryptoError as exc:
-        raise _invalid(field, str(exc)) from None
+def _body(body: bytes, fields: Sequence[str]) -> dict[str, Any]:
+    """A link request's body: a JSON object with exactly `fields` (empty counts as `{}`)."""
+    return parse_object(body, fields, max_bytes=MAX_LINK_BODY, empty_is_object=True)
 
 
 def parse_new_device(body: bytes, username: str) -> NewDevice:
     """N's keys; its signed prekey must name this account and device and be signed by the
     device's signing key (so what E certifies is a device that can be reached)."""
-    document = parse_object(body, ("ephemeral_key", "device", "signed_prekey", "one_time_prekeys"))
-    ephemeral = _key_text(document["ephemeral_key"], "ephemeral_key", DHPublicKey.from_text)
-    device = _fields(document["device"], ("device_id", "signing_key", "dh_key"), "device")
+    document = _body(body, ("ephemeral_key", "device", "signed_prekey", "one_time_prekeys"))
+    ephemeral = key_text(
+        document["ephemeral_key"], "ephemeral_key", DHPublicKey.from_text, _KEY_TEXT
+    )
+    device = fields_of(document["device"], ("device_id", "signing_key", "dh_key"), "device")
     device_id = device["device_id"]
     if not isinstance(device_id, str):
-        raise _invalid("device.device_id", "must be a string")
+        raise invalid("device.device_id", "must be a string")
     try:
         check_id(device_id, "device id")
     except ValueError as exc:
-        raise _invalid("device.device_id", str(exc)) from None
-    signing_key = _key_text(device["signing_key"], "device.signing_key", VerifyKey.from_text)
-    dh_key = _key_text(device["dh_key"], "device.dh_key", DHPublicKey.from_text)
-    spk_bytes = b64url_decode(document["signed_prekey"], "signed_prekey", MAX_PREKEY_SIZE)
+        raise invalid("device.device_id", str(exc)) from None
+    signing_key = key_text(
+        device["signing_key"], "device.signing_key", VerifyKey.from_text, _KEY_TEXT
+    )
+    dh_key = key_text(device["dh_key"], "device.dh_key", DHPublicKey.from_text, _KEY_TEXT)
+    spk, spk_bytes = signed_prekey(document["signed_prekey"])
+    if (spk.user_id, spk.device_id) != (username, device_id):
+        raise invalid("signed_prekey", "names another user or device")
     try:
-        signed_prekey = SignedPrekey.decode(spk_bytes)
-    except CryptoError as exc:
-        raise _invalid("signed_prekey", str(exc)) from None
-    if (signed_prekey.user_id, signed_prekey.device_id) != (username, device_id):
-        raise _invalid("signed_prekey", "names another user or device")
-    try:
-        signing_key.verify(signed_prekey.signed_bytes(), signed_prekey.signature)
+        signing_key.verify(spk.signed_bytes(), spk.signature)
     except BadSignature:
-        raise _invalid("signed_prekey", "is not signed by the device's signing key") from None
-    raw_otks = document["one_time_prekeys"]
-    if not isinstance(raw_otks, list) or len(raw_otks) > MAX_ONE_TIME_PREKEYS_PER_UPLOAD:
-        raise _invalid(
-            "one_time_prekeys", f"must be a list of at most {MAX_ONE_TIME_PREKEYS_PER_UPLOAD}"
-        )
-    one_time = []
-    for index, item in enumerate(raw_otks):
-        field = f"one_time_prekeys[{index}]"
-        data = b64url_decode(item, field, MAX_PREKEY_SIZE)
-        try:
-            OneTimePrekey.decode(data)
-        except CryptoError as exc:
-            raise _invalid(field, str(exc)) from None
-        one_time.append(data)
-    return NewDevice(ephemeral, device_id, signing_key, dh_key, spk_bytes, tuple(one_time))
+        raise invalid("signed_prekey", "is not signed by the device's signing key") from None
+    one_time = one_time_prekeys(document["one_time_prekeys"])
+    return NewDevice(ephemeral, device_id, signing_key, dh_key, spk_bytes, one_time)
 
 
 # --- the service --------------------------------------------------------------------------------
@@ -391,10 +342,10 @@ class LinkService:
         return _run(self._create(authorization, body))
 
     async def _create(self, authorization: bytes | None, body: bytes) -> dict[str, object]:
-        document = parse_object(body, ("commitment",))
+        document = _body(body, ("commitment",))
         commitment = b64url_decode(document["commitment"], "commitment", COMMITMENT_SIZE)
         if len(commitment) != COMMITMENT_SIZE:
-            raise _invalid("commitment", f"must be {COMMITMENT_SIZE} bytes")
+            raise invalid("commitment", f"must be {COMMITMENT_SIZE} bytes")
         device = await self._device(authorization)
         self._purge()
         # One link per device: starting again replaces the previous one.
@@ -445,11 +396,11 @@ class LinkService:
     async def _reveal(
         self, authorization: bytes | None, code: str, body: bytes
     ) -> dict[str, object]:
-        document = parse_object(body, ("ephemeral_key",))
-        key = _key_text(document["ephemeral_key"], "ephemeral_key", DHPublicKey.from_text)
+        document = _body(body, ("ephemeral_key",))
+        key = key_text(document["ephemeral_key"], "ephemeral_key", DHPublicKey.from_text, _KEY_TEXT)
         session = await self._owned(authorization, code)
         if not check_commitment(session.commitment, key):
-            raise _invalid("ephemeral_key", "does not match the commitment this link began with")
+            raise invalid("ephemeral_key", "does not match the commitment this link began with")
         _move(session, LinkStep.REVEAL)
         session.existing_key = key
         return {"state": session.shown_state}
@@ -463,14 +414,13 @@ class LinkService:
     async def _complete(
         self, authorization: bytes | None, code: str, body: bytes
     ) -> dict[str, object]:
-        document = parse_object(body, ("device_certificate", "payload"))
-        cert_bytes = b64url_decode(
-            document["device_certificate"], "device_certificate", MAX_CERTIFICATE_SIZE
+        document = _body(body, ("device_certificate", "payload"))
+        certificate, cert_bytes = decoded(
+            document["device_certificate"],
+            "device_certificate",
+            MAX_CERTIFICATE_SIZE,
+            DeviceCertificate.decode,
         )
-        try:
-            certificate = DeviceCertificate.decode(cert_bytes)
-        except CryptoError as exc:
-            raise _invalid("device_certificate", str(exc)) from None
         payload = b64url_decode(document["payload"], "payload", MAX_SEALED_PAYLOAD)
         session = await self._owned(authorization, code)
         new = session.new_device
@@ -481,7 +431,7 @@ class LinkService:
             new.signing_key,
             new.dh_key,
         ):
-            raise _invalid("device_certificate", "does not certify the keys the new device sent")
+            raise invalid("device_certificate", "does not certify the keys the new device sent")
         _move(session, LinkStep.COMPLETE)
         now = self.now_ms()
         try:
@@ -524,7 +474,7 @@ class LinkService:
         return _run(self._join(code, body))
 
     async def _join(self, code: str, body: bytes) -> dict[str, object]:
-        parse_object(body, ())
+        _body(body, ())
         now = self.now_ms()
         self._purge()
         window = self._failed_joins

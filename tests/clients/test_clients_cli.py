@@ -11,15 +11,12 @@ from typing import Any, TypeVar
 
 import pytest
 from click.testing import CliRunner, Result
+from client_support import WorldApp
 from twisted.internet.defer import Deferred, fail
-from twisted.python.failure import Failure
 
 from medrelay.clients.cli.app import EngineApi, Interrupted
 from medrelay.clients.cli.main import cli, safe_file_name
-from medrelay.clients.engine.client import open_engine
-from medrelay.clients.engine.enrollment import enroll
 from medrelay.clients.engine.errors import ClientError, LocalCode
-from medrelay.clients.engine.store import ProfileInfo, inline_runner, read_public_info
 from medrelay.clients.engine.testing import TEST_PASSPHRASE, TEST_SERVER_URL, ClientWorld
 
 _T = TypeVar("_T")
@@ -34,67 +31,6 @@ COMMANDS = [
     ["attachment", "save"],
     ["whoami"],
 ]
-
-
-class WorldApp:
-    """The CLI's App over a ClientWorld: engines on the fake relay, time on the fake clock.
-    `run` gives up after `max_steps` ticks as if the user pressed Ctrl-C."""
-
-    def __init__(self, world: ClientWorld, max_steps: int = 400) -> None:
-        self.world = world
-        self.max_steps = max_steps
-
-    def run(self, main: Callable[[], Deferred[_T]]) -> _T:
-        results: list[object] = []
-        main().addBoth(results.append)
-        world = self.world
-        for _ in range(self.max_steps):
-            world.relay.pump()
-            if results:
-                break
-            world.clock.advance(0.1)
-        else:
-            raise Interrupted()
-        result = results[0]
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result  # type: ignore[return-value]
-
-    def open_engine(self, profile_dir: Path, passphrase: str) -> Deferred[EngineApi]:
-        world = self.world
-        return open_engine(
-            profile_dir,
-            passphrase,
-            reactor=world.clock,
-            clock=world.clock,
-            rng=world.rng,
-            runner=inline_runner,
-            http=world.relay.http,
-            dialer=world.relay.dialer,
-        )  # type: ignore[return-value]
-
-    def read_info(self, profile_dir: Path) -> Deferred[ProfileInfo]:
-        return read_public_info(profile_dir, runner=inline_runner)
-
-    def enroll(
-        self, profile_dir: Path, passphrase: str, server_url: str, username: str, code: str
-    ) -> Deferred[ProfileInfo]:
-        world = self.world
-        return enroll(
-            profile_dir=profile_dir,
-            passphrase=passphrase,
-            server_url=server_url,
-            username=username,
-            code=code,
-            http=world.relay.http,
-            clock=world.clock,
-            rng=world.rng,
-            runner=inline_runner,
-            seal_params=world.seal_params,
-        )
-
-    def timeout(self, d: Deferred[_T], seconds: float) -> Deferred[_T]:
-        return d.addTimeout(seconds, self.world.clock)
 
 
 @pytest.fixture

@@ -12,15 +12,13 @@ from typing import Any, TypeVar
 
 import pytest
 from click.testing import CliRunner, Result
+from client_support import WorldApp
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from medrelay.clients.cli.app import Interrupted
 from medrelay.clients.cli.main import cli
-from medrelay.clients.engine.client import open_engine
-from medrelay.clients.engine.enrollment import enroll
-from medrelay.clients.engine.linking import LinkCheck, LinkCode, LinkResult, LinkUi, join_link
-from medrelay.clients.engine.store import ProfileInfo, inline_runner, read_public_info
+from medrelay.clients.engine.linking import LinkCheck, LinkCode, LinkResult, LinkUi
+from medrelay.clients.engine.store import ProfileInfo
 from medrelay.clients.engine.testing import (
     TEST_PASSPHRASE,
     TEST_SERVER_URL,
@@ -32,42 +30,17 @@ _T = TypeVar("_T")
 SEED = b"cli linking tests"
 
 
-class LinkApp:
+class LinkApp(WorldApp):
     """The CLI's App over a ClientWorld. When a command's engine shows a link code, the new
     device (`partner_ui`) joins with it in the same world; `partner` is its Deferred."""
 
     def __init__(self, world: ClientWorld, partner_ui: ScriptedLinkUi | None = None) -> None:
-        self.world = world
+        super().__init__(world, max_steps=3000)
         self.partner_ui = partner_ui or ScriptedLinkUi()
         self.partner: Deferred[ProfileInfo] | None = None
 
-    def run(self, main: Callable[[], Deferred[_T]]) -> _T:
-        results: list[object] = []
-        main().addBoth(results.append)
-        for _ in range(3000):
-            self.world.relay.pump()
-            if results:
-                break
-            self.world.clock.advance(0.1)
-        else:
-            raise Interrupted()
-        result = results[0]
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result  # type: ignore[return-value]
-
     def open_engine(self, profile_dir: Path, passphrase: str) -> Deferred[Any]:
-        world = self.world
-        d = open_engine(
-            profile_dir,
-            passphrase,
-            reactor=world.clock,
-            clock=world.clock,
-            rng=world.rng,
-            runner=inline_runner,
-            http=world.relay.http,
-            dialer=world.relay.dialer,
-        )
+        d = super().open_engine(profile_dir, passphrase)
         return d.addCallback(lambda engine: _WithPartner(engine, self._start_partner))
 
     def _start_partner(self, code: LinkCode) -> None:
@@ -78,46 +51,6 @@ class LinkApp:
             code.code,
             self.partner_ui,
         )
-
-    def read_info(self, profile_dir: Path) -> Deferred[ProfileInfo]:
-        return read_public_info(profile_dir, runner=inline_runner)
-
-    def enroll(
-        self, profile_dir: Path, passphrase: str, server_url: str, username: str, code: str
-    ) -> Deferred[ProfileInfo]:
-        world = self.world
-        return enroll(
-            profile_dir=profile_dir,
-            passphrase=passphrase,
-            server_url=server_url,
-            username=username,
-            code=code,
-            http=world.relay.http,
-            clock=world.clock,
-            rng=world.rng,
-            runner=inline_runner,
-            seal_params=world.seal_params,
-        )
-
-    def link(
-        self, profile_dir: Path, passphrase: str, server_url: str, code: str, ui: LinkUi
-    ) -> Deferred[ProfileInfo]:
-        world = self.world
-        return join_link(
-            profile_dir=profile_dir,
-            passphrase=passphrase,
-            server_url=server_url,
-            code=code,
-            http=world.relay.http,
-            clock=world.clock,
-            rng=world.rng,
-            runner=inline_runner,
-            ui=ui,
-            seal_params=world.seal_params,
-        )
-
-    def timeout(self, d: Deferred[_T], seconds: float) -> Deferred[_T]:
-        return d.addTimeout(seconds, self.world.clock)
 
     def partner_outcome(self) -> ProfileInfo | Exception:
         assert self.partner is not None

@@ -3,14 +3,23 @@ fixtures by naming them at module level (`world = client_world`, `pair = engine_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
-from medrelay.clients.engine.client import Engine
+from medrelay.clients.cli.app import EngineApi, Interrupted
+from medrelay.clients.engine.client import Engine, open_engine
+from medrelay.clients.engine.enrollment import enroll
+from medrelay.clients.engine.linking import LinkUi, join_link
+from medrelay.clients.engine.store import ProfileInfo, inline_runner, read_public_info
 from medrelay.clients.engine.testing import ClientWorld
 from medrelay.clients.engine.views import MessageView, NoticeView
+
+_T = TypeVar("_T")
 
 
 def inbox(world: ClientWorld, engine: Engine) -> list[MessageView | NoticeView]:
@@ -33,3 +42,81 @@ def engine_pair(world: ClientWorld) -> Iterator[tuple[Engine, Engine]]:
     yield alice, bob
     world.run(alice.close())
     world.run(bob.close())
+
+
+class WorldApp:
+    """The CLI's App over a ClientWorld: engines on the fake relay, time on the fake clock.
+    `run` gives up after `max_steps` ticks as if the user pressed Ctrl-C."""
+
+    def __init__(self, world: ClientWorld, max_steps: int = 400) -> None:
+        self.world = world
+        self.max_steps = max_steps
+
+    def run(self, main: Callable[[], Deferred[_T]]) -> _T:
+        results: list[object] = []
+        main().addBoth(results.append)
+        world = self.world
+        for _ in range(self.max_steps):
+            world.relay.pump()
+            if results:
+                break
+            world.clock.advance(0.1)
+        else:
+            raise Interrupted()
+        result = results[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result  # type: ignore[return-value]
+
+    def open_engine(self, profile_dir: Path, passphrase: str) -> Deferred[EngineApi]:
+        world = self.world
+        return open_engine(
+            profile_dir,
+            passphrase,
+            reactor=world.clock,
+            clock=world.clock,
+            rng=world.rng,
+            runner=inline_runner,
+            http=world.relay.http,
+            dialer=world.relay.dialer,
+        )  # type: ignore[return-value]
+
+    def read_info(self, profile_dir: Path) -> Deferred[ProfileInfo]:
+        return read_public_info(profile_dir, runner=inline_runner)
+
+    def enroll(
+        self, profile_dir: Path, passphrase: str, server_url: str, username: str, code: str
+    ) -> Deferred[ProfileInfo]:
+        world = self.world
+        return enroll(
+            profile_dir=profile_dir,
+            passphrase=passphrase,
+            server_url=server_url,
+            username=username,
+            code=code,
+            http=world.relay.http,
+            clock=world.clock,
+            rng=world.rng,
+            runner=inline_runner,
+            seal_params=world.seal_params,
+        )
+
+    def link(
+        self, profile_dir: Path, passphrase: str, server_url: str, code: str, ui: LinkUi
+    ) -> Deferred[ProfileInfo]:
+        world = self.world
+        return join_link(
+            profile_dir=profile_dir,
+            passphrase=passphrase,
+            server_url=server_url,
+            code=code,
+            http=world.relay.http,
+            clock=world.clock,
+            rng=world.rng,
+            runner=inline_runner,
+            ui=ui,
+            seal_params=world.seal_params,
+        )
+
+    def timeout(self, d: Deferred[_T], seconds: float) -> Deferred[_T]:
+        return d.addTimeout(seconds, self.world.clock)

@@ -213,13 +213,16 @@ def _sqlite_engine(url: URL, busy_timeout_ms: int) -> Engine:
     url, in_memory = _sqlite_url(url)
     if in_memory:
         engine = sa.create_engine(
-            url, poolclass=StaticPool, connect_args={"check_same_thread": False}
+            url,
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+            hide_parameters=True,
         )
     else:
         path = Path(str(url.database)).expanduser().resolve()
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _create_private(path)
-        engine = sa.create_engine(url)
+        engine = sa.create_engine(url, hide_parameters=True)
     install_sqlite_setup(engine, busy_timeout_ms=busy_timeout_ms)
     return engine
 
@@ -268,6 +271,7 @@ def _postgres_engine(url: URL, pool_size: int) -> Engine:
         max_overflow=2,
         pool_pre_ping=True,
         pool_timeout=10,
+        hide_parameters=True,
     )
 
 

@@ -367,3 +367,19 @@ def test_a_new_sqlite_database_and_its_wal_are_private_to_the_owner(tmp_path: Pa
     for file in (path, path.with_name("medrelay.db-wal"), path.with_name("medrelay.db-shm")):
         assert file.exists() and (file.stat().st_mode & 0o777) == 0o600, file
     engine.dispose()
+
+
+def test_database_errors_never_carry_the_statements_values(tmp_path: Path) -> None:
+    """Failures are logged (`_log.failure`): a SQL error's text must not hold usernames,
+    ciphertext or token digests, only the statement's shape."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'values.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (name TEXT PRIMARY KEY)")
+            conn.execute(sa.text("INSERT INTO t VALUES (:n)"), {"n": "dr.canary"})
+        with pytest.raises(sa_exc.IntegrityError) as caught, engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO t VALUES (:n)"), {"n": "dr.canary"})
+        assert "dr.canary" not in str(caught.value)
+        assert "hidden" in str(caught.value)
+    finally:
+        engine.dispose()

@@ -73,14 +73,18 @@ def user_entries_txn(conn: Connection, subject: str, limit: int) -> list[tuple[i
 
 
 def leaves_txn(conn: Connection, *, start: int, limit: int) -> list[bytes]:
-    """Encoded events of leaves start, start+1, ... (at most `limit`), in leaf order."""
+    """Encoded events of leaves start, start+1, ... (at most `limit`), in leaf order. A gap in
+    the leaf indexes (a deleted row) raises `ProofError`: the tree would silently shift."""
     rows = conn.execute(
-        sa.select(log_entries.c.event)
+        sa.select(log_entries.c.leaf_index, log_entries.c.event)
         .where(log_entries.c.leaf_index >= start)
         .order_by(log_entries.c.leaf_index)
         .limit(limit)
-    )
-    return [bytes(row.event) for row in rows]
+    ).all()
+    for expected, (index, _) in enumerate(rows, start):
+        if index != expected:
+            raise ProofError(f"leaf {expected} is missing from the database")
+    return [bytes(event) for _, event in rows]
 
 
 def log_clinic_certificates_txn(
@@ -132,23 +136,14 @@ def append_events_txn(
 
 
 def iter_leaves_txn(conn: Connection, batch: int = 5000) -> Iterator[bytes]:
-    """Every leaf's encoded event in leaf order, read in bounded batches. A gap in the leaf
-    indexes (a deleted row) raises `ProofError`: the tree would silently shift otherwise."""
+    """Every leaf's encoded event in leaf order, read in bounded batches (`leaves_txn`)."""
     start = 0
     while True:
-        rows = conn.execute(
-            sa.select(log_entries.c.leaf_index, log_entries.c.event)
-            .where(log_entries.c.leaf_index >= start)
-            .order_by(log_entries.c.leaf_index)
-            .limit(batch)
-        ).all()
-        for index, event in rows:
-            if index != start:
-                raise ProofError(f"leaf {start} is missing from the database")
-            yield bytes(event)
-            start += 1
-        if len(rows) < batch:
+        leaves = leaves_txn(conn, start=start, limit=batch)
+        yield from leaves
+        if len(leaves) < batch:
             return
+        start += len(leaves)
 
 
 @dataclass(frozen=True, slots=True)

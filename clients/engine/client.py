@@ -31,7 +31,7 @@ from medrelay.clients.engine.connection import (
 from medrelay.clients.engine.enrollment import now_ms
 from medrelay.clients.engine.errors import ClientError, LocalCode
 from medrelay.clients.engine.http import AgentHttpClient, HttpClient, parse_server_url
-from medrelay.clients.engine.linking import LinkResult, LinkUi, link_new_device
+from medrelay.clients.engine.linking import ExistingDevice, LinkResult, LinkUi
 from medrelay.clients.engine.messaging import (
     Directory,
     Messenger,
@@ -327,7 +327,7 @@ class Engine:
     def link_device(self, ui: LinkUi) -> Deferred[LinkResult]:
         """Link a new device to this account from this one (docs/protocol.md §16): `ui` shows
         the code and asks the user to compare the digits."""
-        return link_new_device(
+        existing = ExistingDevice(
             profile=self.profile,
             http=self._http,
             server=self.server,
@@ -336,8 +336,8 @@ class Engine:
             login=self.connect,
             tokens=self.load_token,
             forget_token=self.clear_token,
-            ui=ui,
         )
+        return Deferred.fromCoroutine(existing.run(ui))
 
     def safety_number(self, user_id: str) -> Deferred[str]:
         """The 60-digit safety number between this user and `user_id` (verified identity)."""

@@ -1,6 +1,6 @@
 """Linking a further device to an account (docs/protocol.md §16): both sides of the flow.
 
-`link_new_device` runs on the existing device E (an open profile, logged in), `join_link` on the
+`ExistingDevice` runs on the existing device E (an open profile, logged in), `join_link` on the
 new device N (nothing yet but the server URL and the code E shows). The cryptography is
 `medrelay.crypto.linking`; the relay only carries messages and may lie, which the digits the
 user compares on both screens expose:
@@ -270,38 +270,10 @@ async def _cancel_quietly(http: HttpClient, url: str, headers: Mapping[str, str]
 # --- E: the existing device ---------------------------------------------------------------------
 
 
-def link_new_device(
-    *,
-    profile: OpenProfile,
-    http: HttpClient,
-    server: ServerUrl,
-    clock: IReactorTime,
-    rng: Rng,
-    login: Callable[[], Deferred[None]],
-    tokens: Callable[[], Deferred[bytes | None]],
-    forget_token: Callable[[], Deferred[None]],
-    ui: LinkUi,
-    poll_s: float = POLL_INTERVAL_S,
-) -> Deferred[LinkResult]:
-    """Link a new device to this profile's account; fires with the linked device once the
-    relay added it. `login` connects (and stores a session token), `tokens` loads the stored
-    token, `forget_token` drops a token the server refused."""
-    existing = _Existing(
-        profile=profile,
-        http=http,
-        server=server,
-        clock=clock,
-        rng=rng,
-        login=login,
-        tokens=tokens,
-        forget_token=forget_token,
-        poll_s=poll_s,
-    )
-    return Deferred.fromCoroutine(existing.run(ui))
-
-
-class _Existing:
-    """E's side of one link."""
+class ExistingDevice:
+    """E's side of one link: `run(ui)` links a new device to this profile's account and
+    returns it once the relay added it. `login` connects (and stores a session token), `tokens`
+    loads the stored token, `forget_token` drops a token the server refused."""
 
     def __init__(
         self,
@@ -314,7 +286,7 @@ class _Existing:
         login: Callable[[], Deferred[None]],
         tokens: Callable[[], Deferred[bytes | None]],
         forget_token: Callable[[], Deferred[None]],
-        poll_s: float,
+        poll_s: float = POLL_INTERVAL_S,
     ) -> None:
         self._profile = profile
         self._http = http

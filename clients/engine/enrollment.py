@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import sqlite3
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -39,6 +40,7 @@ from medrelay.clients.engine.store import (
     profile_exists,
     write_enrollment_txn,
 )
+from medrelay.clients.engine.transparency import add_own_devices_txn
 from medrelay.crypto.certificates import (
     ClinicKeyCertificate,
     ClinicKeyPurpose,
@@ -291,19 +293,19 @@ async def _enroll(
         enrolled_at_ms=finished_ms,
     )
     secrets = ProfileSecrets(identity_key=new.identity_key, device=new.device)
-    await _write_profile(
+    await write_profile(
         profile_dir,
         runner,
         header=header,
         sealer=Sealer(storage_key, rng),
         info=info,
         secrets=secrets,
-        new=new,
+        prekeys=new.prekeys,
     )
     return info
 
 
-async def _write_profile(
+async def write_profile(
     profile_dir: Path,
     runner: Runner,
     *,
@@ -311,8 +313,11 @@ async def _write_profile(
     sealer: Sealer,
     info: ProfileInfo,
     secrets: ProfileSecrets,
-    new: NewDevice,
+    prekeys: InMemoryPrekeyStore,
+    own_devices: Collection[str] = (),
 ) -> None:
+    """Write a new profile in one transaction (enrollment, or a linked device with the devices
+    it may call its own); on any failure nothing of it is left on disk."""
     conn = await runner(lambda: connect(profile_dir, create=True))
     db = Database(conn, runner)
 
@@ -323,13 +328,15 @@ async def _write_profile(
             sealer,
             info,
             secrets,
-            new.prekeys,
+            prekeys,
             next_one_time_prekey_id=ONE_TIME_PREKEYS + 1,
             next_signed_prekey_id=2,
         )
+        if own_devices:
+            add_own_devices_txn(txn, info.device_id, own_devices)
 
     try:
-        await db.run_interaction("write_enrollment", write)
+        await db.run_interaction("write_profile", write)
     except BaseException:
         await db.close()
         _remove_database(profile_dir)

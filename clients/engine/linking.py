@@ -48,6 +48,7 @@ from medrelay.clients.engine.enrollment import (
     new_device_id,
     now_ms,
     verify_enrollment_answer,
+    write_profile,
 )
 from medrelay.clients.engine.errors import ClientError, LocalCode, RemoteError
 from medrelay.clients.engine.http import (
@@ -58,17 +59,12 @@ from medrelay.clients.engine.http import (
     post_json,
 )
 from medrelay.clients.engine.store import (
-    Database,
     OpenProfile,
     ProfileInfo,
     ProfileSecrets,
     Runner,
     Sealer,
-    connect,
-    create_schema_txn,
-    database_path,
     profile_exists,
-    write_enrollment_txn,
 )
 from medrelay.clients.engine.transparency import add_own_devices_txn, load_own_devices_txn
 from medrelay.crypto.certificates import issue_device_certificate, verify_device
@@ -91,7 +87,7 @@ from medrelay.crypto.linking import (
     seal_payload,
 )
 from medrelay.crypto.rng import Rng
-from medrelay.crypto.sealing import KeyDerivationHeader, SealParams, new_key_derivation
+from medrelay.crypto.sealing import SealParams, new_key_derivation
 from medrelay.crypto.sessions import InMemoryPrekeyStore
 from medrelay.crypto.x3dh import generate_one_time_prekeys, generate_signed_prekey
 from medrelay.protocol.errors import ErrorCode
@@ -600,14 +596,14 @@ async def _join(
         completed = True
         payload = _open(secrets, transcript, done, keys.device_id)
         info, profile_secrets = _verify(payload, server, username, keys, now_ms(clock))
-        await _write_profile(
+        await write_profile(
             profile_dir,
             runner,
             header=header,
             sealer=Sealer(storage_key, rng),
             info=info,
             secrets=profile_secrets,
-            keys=keys,
+            prekeys=keys.prekeys,
             own_devices=payload.own_devices,
         )
     except GeneratorExit:
@@ -687,42 +683,3 @@ def _verify(
     )
     device = DeviceKeys(identity=identity, signing_key=keys.signing_key, dh_key=keys.dh_key)
     return info, ProfileSecrets(identity_key=payload.identity_key, device=device)
-
-
-async def _write_profile(
-    profile_dir: Path,
-    runner: Runner,
-    *,
-    header: KeyDerivationHeader,
-    sealer: Sealer,
-    info: ProfileInfo,
-    secrets: ProfileSecrets,
-    keys: _NewKeys,
-    own_devices: Collection[str],
-) -> None:
-    """Write the profile as an enrollment does, plus the devices this one may call its own."""
-    conn = await runner(lambda: connect(profile_dir, create=True))
-    db = Database(conn, runner)
-
-    def write(txn: sqlite3.Connection) -> None:
-        create_schema_txn(txn, header)
-        write_enrollment_txn(
-            txn,
-            sealer,
-            info,
-            secrets,
-            keys.prekeys,
-            next_one_time_prekey_id=ONE_TIME_PREKEYS + 1,
-            next_signed_prekey_id=2,
-        )
-        add_own_devices_txn(txn, info.device_id, own_devices)
-
-    try:
-        await db.run_interaction("write_link", write)
-    except BaseException:
-        await db.close()
-        path = database_path(profile_dir)
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        raise
-    await db.close()

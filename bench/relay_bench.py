@@ -29,6 +29,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import re
 import socket
 import statistics
 import struct
@@ -244,6 +245,7 @@ def run_load(jobs: list[dict[str, Any]], timeout_s: float) -> list[dict[str, Any
 class Server:
     process: subprocess.Popen[bytes]
     port: int
+    metrics_port: int
 
     @property
     def pid(self) -> int:
@@ -259,6 +261,16 @@ class Server:
                 return int(line.split()[1]) / 1024
         return 0.0
 
+    def latency_buckets(self) -> dict[float, float]:
+        """The server's own send-to-deliver histogram: cumulative counts by upper bound."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        buckets: dict[float, float] = {}
+        for match in _BUCKET_LINE.finditer(text):
+            buckets[float(match["le"])] = float(match["count"])
+        return buckets
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -266,6 +278,31 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+_BUCKET_LINE = re.compile(
+    r'^medrelay_send_to_deliver_seconds_bucket\{le="(?P<le>[^"]+)"\} (?P<count>\S+)$', re.M
+)
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """Quantile (ms) of the observations between two scrapes, interpolated within its bucket
+    as Prometheus's histogram_quantile does."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    if total <= 0:
+        return float("nan")
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, cumulative in zip(bounds, counts, strict=True):
+        if cumulative >= rank:
+            if bound == float("inf"):
+                return lower * 1000
+            share = (rank - below) / max(cumulative - below, 1e-9)
+            return (lower + (bound - lower) * share) * 1000
+        lower, below = bound, cumulative
+    return lower * 1000
 
 
 def start_medrelay(data_dir: Path, clinic: str) -> Server:
@@ -295,7 +332,7 @@ def start_medrelay(data_dir: Path, clinic: str) -> Server:
             raise RuntimeError(f"server exited; see {data_dir / 'server.log'}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return Server(process, port)
+                return Server(process, port, metrics_port)
         except OSError:
             time.sleep(0.2)
     process.kill()
@@ -401,6 +438,7 @@ def throughput_phase(
 ) -> dict[str, float]:
     pairs = [(2 * k, 2 * k + 1) for k in range(args.devices // 2)]
     cpu0 = server.cpu_s()
+    buckets0 = server.latency_buckets()
     t0 = time.monotonic()
     jobs = [
         {
@@ -420,6 +458,7 @@ def throughput_phase(
     )
     wall = time.monotonic() - t0
     server_cpu = server.cpu_s() - cpu0
+    buckets1 = server.latency_buckets()
     delivered = sum(r["delivered"] for r in results)
     latencies = sorted(x for r in results for x in r["latencies_ms"])
     out = {
@@ -432,6 +471,9 @@ def throughput_phase(
     if latencies:
         out["p50_ms"] = latencies[len(latencies) // 2]
         out["p99_ms"] = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        # The server's share: storing an envelope to pushing it (warm-up included).
+        out["server_p50_ms"] = bucket_quantile(buckets0, buckets1, 0.50)
+        out["server_p99_ms"] = bucket_quantile(buckets0, buckets1, 0.99)
     return out
 
 
@@ -557,6 +599,10 @@ def main() -> int:
         "latency_rate_delivered_per_s": median("latency", "delivered_per_s"),
         "latency_p50_ms": median("latency", "p50_ms"),
         "latency_p99_ms": median("latency", "p99_ms"),
+        "latency_server_p50_ms": median("latency", "server_p50_ms"),
+        "latency_server_p99_ms": median("latency", "server_p99_ms"),
+        "latency_server_cpu_pct": median("latency", "server_cpu_pct"),
+        "latency_load_cpu_pct": median("latency", "load_cpu_pct"),
         "idle_connected": median("idle", "connected"),
         "idle_rss_peak_mib": median("idle", "rss_peak_mib"),
         "ceiling_delivered_per_s": median("ceiling", "rate"),

@@ -1,0 +1,1 @@
+"""Clinicians' availability: hours, absences, holidays, on-call."""

@@ -38,6 +38,7 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     UNKNOWN_USER = "unknown_user"
     STALE_DEVICES = "stale_devices"
+    ON_CALL_CHANGED = "on_call_changed"
     # delivery and resources
     QUEUE_FULL = "queue_full"
     ID_CONFLICT = "id_conflict"

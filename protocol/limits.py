@@ -41,3 +41,14 @@ MAX_QUERY_BYTES: Final = 128
 """A directory query, specialty or department filter."""
 MAX_NAME_BYTES: Final = 256
 """A display name, specialty or department in `account_create` (the certificate's limits)."""
+MAX_HOURS_INTERVALS: Final = 100
+"""Weekly opening intervals of one clinician."""
+MAX_ABSENCES: Final = 100
+"""Absences kept for one clinician (past ones are dropped when the list is replaced)."""
+MAX_AUTOREPLY_BYTES: Final = 1000
+"""An automatic-reply template (plain text)."""
+MAX_EMERGENCY_NUMBERS: Final = 8
+MAX_ROSTER_SHIFTS: Final = 500
+"""Shifts in one `roster` answer."""
+MAX_NOTICE_SIZE: Final = 4096
+"""A signed clinic notice (medrelay.crypto.notices)."""

@@ -18,6 +18,7 @@ from medrelay.protocol import cbor
 from medrelay.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from medrelay.protocol.fields import (
     UINT32_MAX,
+    Bool,
     Bytes,
     Choice,
     FieldError,
@@ -32,14 +33,18 @@ from medrelay.protocol.fields import (
 )
 from medrelay.protocol.limits import (
     CHALLENGE_SIZE,
+    MAX_ABSENCES,
     MAX_ACKS_PER_FRAME,
+    MAX_AUTOREPLY_BYTES,
     MAX_CERTIFICATE_SIZE,
     MAX_CHECKPOINT_SIZE,
     MAX_CIPHERTEXT_SIZE,
     MAX_CLINIC_KEYS,
     MAX_DEVICES_PER_USER,
     MAX_DIRECTORY_ENTRIES,
+    MAX_EMERGENCY_NUMBERS,
     MAX_ENVELOPES_PER_SEND,
+    MAX_HOURS_INTERVALS,
     MAX_ID_BYTES,
     MAX_ITEMS_PER_DELIVER,
     MAX_LOG_EVENT_SIZE,
@@ -49,6 +54,7 @@ from medrelay.protocol.limits import (
     MAX_PREKEY_SIZE,
     MAX_PROOF_HASHES,
     MAX_QUERY_BYTES,
+    MAX_ROSTER_SHIFTS,
     MAX_USER_LOG_EVENTS,
     MESSAGE_ID_SIZE,
     SIGNATURE_SIZE,
@@ -69,6 +75,9 @@ _PROOF = ListOf(Bytes(32, 32), MAX_PROOF_HASHES)
 _DATE = Text(10, identifier=True)
 """A calendar date, YYYY-MM-DD (checked by the server, which knows the clinic's calendar)."""
 ACCOUNT_ROLES: Final = ("patient", "doctor", "nurse", "registrar", "admin")
+_ZONE = Text(64)
+"""An IANA time-zone name (checked by the server against its zone database)."""
+OFF_HOURS_POLICIES: Final = ("hold", "deliver-silently")
 
 
 class Direction(enum.Enum):
@@ -108,6 +117,18 @@ class OutboundEnvelope(Struct):
 class ItemKind(enum.StrEnum):
     MESSAGE = "msg"
     EXPIRED = "expired"
+    NOTICE = "notice"
+
+
+class ItemFlag(enum.StrEnum):
+    """What the relay knows about a delivered message (it cannot read it)."""
+
+    URGENT = "urgent"
+    """The sender marked it urgent."""
+    AFTER_HOURS = "after_hours"
+    """It reached a clinician outside their hours (delivered silently, or held)."""
+    HELD = "held"
+    """It waited for the clinician's hours to begin."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +138,10 @@ class DeliveredItem(Struct):
     kind "msg": an envelope; `user`/`device` are the sender, `ciphertext` is present.
     kind "expired": a server notice that message `message_id` could not be delivered to
     `user`/`device` before it expired; no ciphertext.
+    kind "notice": a clinic notice (automatic reply, urgent routing) signed by the clinic's
+    issuing key, in `ciphertext` (medrelay.crypto.notices: it is not encrypted); `message_id` is
+    the message that caused it, `user` the clinician it is about, `device` empty.
+    `flags` (msg only): what the relay knows about the message (`ItemFlag`).
     """
 
     seq: int = wire("seq", UInt())
@@ -124,12 +149,16 @@ class DeliveredItem(Struct):
     message_id: bytes = wire("id", _MESSAGE_ID)
     time_ms: int = wire("ts", _TIME_MS)
     user: str = wire("u", _USER)
-    device: str = wire("d", _DEVICE)
+    device: str = wire("d", Text(MAX_ID_BYTES))
     ciphertext: bytes | None = wire("c", Bytes(MAX_CIPHERTEXT_SIZE, 1), optional=True)
+    flags: tuple[str, ...] | None = wire(
+        "f", ListOf(Choice(frozenset(ItemFlag)), len(ItemFlag)), optional=True
+    )
 
     def __post_init__(self) -> None:
-        if (self.kind == ItemKind.MESSAGE) != (self.ciphertext is not None):
-            raise ValueError("a 'msg' item carries a ciphertext and a notice does not")
+        carries = self.kind in (ItemKind.MESSAGE, ItemKind.NOTICE)
+        if (carries or self.kind == ItemKind.EXPIRED) and carries != (self.ciphertext is not None):
+            raise ValueError("a 'msg' or 'notice' item carries bytes and an 'expired' one does not")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +200,36 @@ class DirectoryEntry(Struct):
 
     user: str = wire("u", _USER)
     certificate: bytes = wire("cert", _CERTIFICATE)
+
+
+@dataclass(frozen=True, slots=True)
+class HoursInterval(Struct):
+    """One weekly opening: `day` 0 (Monday) to 6, minutes after local midnight [start, end)."""
+
+    day: int = wire("d", UInt(6))
+    start: int = wire("s", UInt(1439))
+    end: int = wire("e", UInt(1440))
+
+
+@dataclass(frozen=True, slots=True)
+class AbsenceSpan(Struct):
+    """Whole local days away, `first` to `last` inclusive (YYYY-MM-DD)."""
+
+    first: str = wire("from", _DATE)
+    last: str = wire("to", _DATE)
+    reason: str = wire("reason", Choice(frozenset({"vacation", "sick", "other"})))
+
+
+@dataclass(frozen=True, slots=True)
+class RosterShift(Struct):
+    """One on-call shift: `clinician` answers urgent messages for `department` in
+    [starts, ends)."""
+
+    shift: int = wire("id", UInt())
+    clinician: str = wire("clinician", _USER)
+    department: str = wire("department", Text(MAX_NAME_BYTES))
+    starts_ms: int = wire("starts", _TIME_MS)
+    ends_ms: int = wire("ends", _TIME_MS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,8 +376,71 @@ class LinkEnd(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class AvailabilityGet(Message):
+    """Is `user` (a clinician) available now, when does that change, who is on call meanwhile."""
+
+    TYPE: ClassVar[str] = "availability_get"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    user: str = wire("user", _USER)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSet(Message):
+    """Change `user`'s schedule: only the fields present change. `autoreply` "" and
+    `available_until` 0 clear them; `absences` replaces the whole list."""
+
+    TYPE: ClassVar[str] = "schedule_set"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    user: str = wire("user", _USER)
+    time_zone: str | None = wire("tz", _ZONE, optional=True)
+    hours: tuple[HoursInterval, ...] | None = wire(
+        "hours", ListOf(Nested(HoursInterval), MAX_HOURS_INTERVALS), optional=True
+    )
+    autoreply: str | None = wire("autoreply", Text(MAX_AUTOREPLY_BYTES), optional=True)
+    available_until_ms: int | None = wire("until", _TIME_MS, optional=True)
+    absences: tuple[AbsenceSpan, ...] | None = wire(
+        "absences", ListOf(Nested(AbsenceSpan), MAX_ABSENCES), optional=True
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RosterAdd(Message):
+    """Put `clinician` on call for `department` in [starts, ends) (registrars and admins)."""
+
+    TYPE: ClassVar[str] = "roster_add"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    clinician: str = wire("clinician", _USER)
+    department: str = wire("department", Text(MAX_NAME_BYTES))
+    starts_ms: int = wire("starts", _TIME_MS)
+    ends_ms: int = wire("ends", _TIME_MS)
+
+
+@dataclass(frozen=True, slots=True)
+class RosterRemove(Message):
+    TYPE: ClassVar[str] = "roster_remove"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    shift: int = wire("id", UInt())
+
+
+@dataclass(frozen=True, slots=True)
+class RosterGet(Message):
+    """The shifts that have not ended by `after` (now without it)."""
+
+    TYPE: ClassVar[str] = "roster_get"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    after_ms: int | None = wire("after", _TIME_MS, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
 class Send(Message):
-    """One message, as one ciphertext per target device; `message_id` makes resends idempotent."""
+    """One message, as one ciphertext per target device; `message_id` makes resends idempotent.
+    `urgent`: the sender marked it urgent; while the clinician addressed is outside their hours
+    the send must also address the devices of the on-call clinician `availability` named."""
 
     TYPE: ClassVar[str] = "send"
     DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
@@ -327,6 +449,7 @@ class Send(Message):
     envelopes: tuple[OutboundEnvelope, ...] = wire(
         "env", ListOf(Nested(OutboundEnvelope), MAX_ENVELOPES_PER_SEND, 1)
     )
+    urgent: bool | None = wire("urgent", Bool(), optional=True)
 
     def __post_init__(self) -> None:
         targets = {(e.user, e.device) for e in self.envelopes}
@@ -465,13 +588,55 @@ class LinkState(Message):
 
 @dataclass(frozen=True, slots=True)
 class Sent(Message):
-    """The message and all its envelopes are durably stored (or already were: a resend)."""
+    """The message and all its envelopes are durably stored (or already were: a resend).
+    `reads_at`: the clinician addressed is outside their hours and reads it from then (absent
+    when unknown); `on_call`: an urgent message also reached this on-call clinician at once."""
 
     TYPE: ClassVar[str] = "sent"
     DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
     rid: int = wire("rid", _RID)
     message_id: bytes = wire("id", _MESSAGE_ID)
     time_ms: int = wire("time", _TIME_MS)
+    held: bool | None = wire("held", Bool(), optional=True)
+    reads_at_ms: int | None = wire("reads_at", _TIME_MS, optional=True)
+    on_call: str | None = wire("on_call", _USER, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Availability(Message):
+    """A clinician's schedule and whether they are available now. `changes_at`: when that
+    changes (the end of the current opening, or the next one); `on_call`: while they are
+    away, who answers urgent messages for their department. `autoreply` only for the
+    clinician and admins."""
+
+    TYPE: ClassVar[str] = "availability"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    user: str = wire("user", _USER)
+    time_zone: str = wire("tz", _ZONE)
+    viewer_time_zone: str = wire("viewer_tz", _ZONE)
+    hours: tuple[HoursInterval, ...] = wire(
+        "hours", ListOf(Nested(HoursInterval), MAX_HOURS_INTERVALS)
+    )
+    absences: tuple[AbsenceSpan, ...] = wire("absences", ListOf(Nested(AbsenceSpan), MAX_ABSENCES))
+    open_now: bool = wire("open", Bool())
+    policy: str = wire("policy", Choice(frozenset(OFF_HOURS_POLICIES)))
+    emergency: tuple[str, ...] = wire("emergency", ListOf(Text(16), MAX_EMERGENCY_NUMBERS))
+    scheduled: bool = wire("scheduled", Bool())
+    """False: no hours were ever set, and the clinician counts as always available."""
+    changes_at_ms: int | None = wire("changes_at", _TIME_MS, optional=True)
+    available_until_ms: int | None = wire("until", _TIME_MS, optional=True)
+    department: str | None = wire("department", Text(MAX_NAME_BYTES), optional=True)
+    on_call: str | None = wire("on_call", _USER, optional=True)
+    autoreply: str | None = wire("autoreply", Text(MAX_AUTOREPLY_BYTES), optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Roster(Message):
+    TYPE: ClassVar[str] = "roster"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    shifts: tuple[RosterShift, ...] = wire("shifts", ListOf(Nested(RosterShift), MAX_ROSTER_SHIFTS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,6 +685,11 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
         AccountCreate,
         LinkCreate,
         LinkEnd,
+        AvailabilityGet,
+        ScheduleSet,
+        RosterAdd,
+        RosterRemove,
+        RosterGet,
         Send,
         Ack,
         Welcome,
@@ -532,6 +702,8 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
         Directory,
         AccountCreated,
         LinkState,
+        Availability,
+        Roster,
         Sent,
         Deliver,
         Error,
@@ -613,9 +785,12 @@ __all__ = [
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
+    "AbsenceSpan",
     "Ack",
     "Auth",
     "Authenticated",
+    "Availability",
+    "AvailabilityGet",
     "Bundle",
     "BundleGet",
     "Deliver",
@@ -628,6 +803,8 @@ __all__ = [
     "Direction",
     "Error",
     "Hello",
+    "HoursInterval",
+    "ItemFlag",
     "ItemKind",
     "Limits",
     "Message",
@@ -636,6 +813,12 @@ __all__ = [
     "PrekeysPut",
     "PrekeysStored",
     "Resume",
+    "Roster",
+    "RosterAdd",
+    "RosterGet",
+    "RosterRemove",
+    "RosterShift",
+    "ScheduleSet",
     "Send",
     "Sent",
     "Welcome",

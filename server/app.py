@@ -39,6 +39,8 @@ from twisted.web import server
 from medrelay.crypto.passwords import PasswordHasher
 from medrelay.crypto.rng import Rng
 from medrelay.crypto.sealing import SealParams
+from medrelay.server.availability.offhours import OffHours
+from medrelay.server.availability.service import AvailabilityService
 from medrelay.server.blobs import BlobService
 from medrelay.server.clinic import (
     AUTO_PASSPHRASE,
@@ -256,6 +258,12 @@ def make_service(
     staff = StaffService(
         database=database, worker=worker, clock=reactor, rng=rng, enrollment=config.enrollment
     )
+    offhours = OffHours(
+        clinic_id=config.server.clinic_id,
+        config=config.availability,
+        issuing_key=lambda: keys.issuing_key,
+    )
+    availability = AvailabilityService(database=database, clock=reactor, offhours=offhours)
     relay = RelayService(
         store=store,
         clock=reactor,
@@ -264,7 +272,10 @@ def make_service(
         metrics=metrics,
         identity_log=identity_log,
         staff=staff,
+        availability=availability,
+        offhours=offhours,
     )
+    availability.set_changed(relay.release_held)
     enrollment = EnrollmentService(
         database=database,
         keys=keys,

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
@@ -34,7 +36,14 @@ from medrelay.crypto.passwords import (
     MAX_TIME_COST,
     PasswordParams,
 )
-from medrelay.protocol.limits import MAX_FRAME_SIZE, MAX_UNAUTHENTICATED_FRAME_SIZE
+from medrelay.protocol.limits import (
+    MAX_AUTOREPLY_BYTES,
+    MAX_EMERGENCY_NUMBERS,
+    MAX_FRAME_SIZE,
+    MAX_UNAUTHENTICATED_FRAME_SIZE,
+)
+from medrelay.server.availability.offhours import AvailabilityConfig, OffHoursPolicy
+from medrelay.server.availability.schedule import Schedule, ScheduleError
 from medrelay.server.relay.service import RelayConfig
 
 ENV_PREFIX: Final = "MEDRELAY_"
@@ -145,6 +154,7 @@ class Config:
     passwords: PasswordParams
     """Argon2id costs for enrollment codes."""
     logging: LoggingSection
+    availability: AvailabilityConfig = dataclass_field(default_factory=AvailabilityConfig)
     source: Path | None = None
     """The TOML file read, if any."""
 
@@ -316,6 +326,7 @@ _SECTIONS: Final[dict[str, frozenset[str]]] = {
     "blobs": frozenset(f.name for f in dataclasses.fields(BlobsSection)),
     "passwords": frozenset({"time_cost", "memory_cost_kib", "parallelism"}),
     "logging": frozenset(f.name for f in dataclasses.fields(LoggingSection)),
+    "availability": frozenset(f.name for f in dataclasses.fields(AvailabilityConfig)),
 }
 _SECRET_KEYS: Final = frozenset(
     {"root_passphrase", "passphrase", "password", "secret", "tls_key", "private_key"}
@@ -546,6 +557,7 @@ def build_config(raw: Raw, *, cwd: Path) -> Config:
         format=read("logging", "format", lambda k, v: _choice(k, v, LogFormat), d_logging.format),
     )
     return Config(
+        availability=_availability(read),
         server=server,
         metrics=metrics,
         storage=storage,
@@ -563,6 +575,55 @@ def _proxy_count(key: str, value: object) -> int:
     if not 0 <= number <= 16:
         raise ConfigError(key, "must be the number of trusted proxies (0-16)")
     return number
+
+
+def _time_zone(key: str, value: object) -> str:
+    name = _text(key, value, max_chars=64)
+    try:
+        Schedule(time_zone=name, intervals=())
+    except ScheduleError:
+        raise ConfigError(key, f"{name!r} is not a time zone this server knows") from None
+    return name
+
+
+def _emergency_numbers(key: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, _FromEnv):
+        items: list[object] = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        raise ConfigError(key, "must be a list of telephone numbers")
+    if not 1 <= len(items) <= MAX_EMERGENCY_NUMBERS:
+        raise ConfigError(key, f"must list 1 to {MAX_EMERGENCY_NUMBERS} numbers")
+    numbers: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not _PHONE.fullmatch(item):
+            raise ConfigError(key, "each number is digits, +, spaces or dashes (at most 16)")
+        numbers.append(item)
+    return tuple(numbers)
+
+
+_PHONE: Final = re.compile(r"(?=.*\d)[0-9+ -]{1,16}")
+
+
+def _availability(read: Any) -> AvailabilityConfig:
+    d = AvailabilityConfig()
+    return AvailabilityConfig(
+        time_zone=read("availability", "time_zone", _time_zone, d.time_zone),
+        policy=read("availability", "policy", lambda k, v: _choice(k, v, OffHoursPolicy), d.policy),
+        emergency_numbers=read(
+            "availability", "emergency_numbers", _emergency_numbers, d.emergency_numbers
+        ),
+        autoreply=read(
+            "availability",
+            "autoreply",
+            lambda k, v: _text(k, v, max_chars=MAX_AUTOREPLY_BYTES // 2),
+            d.autoreply,
+        ),
+        release_check_s=read(
+            "availability", "release_check_s", _positive_number, d.release_check_s
+        ),
+    )
 
 
 def _relay(clinic_id: str, read: Any, label: Callable[[str, str], str]) -> RelayConfig:

@@ -47,6 +47,12 @@ class RelayMetrics:
     auth_failures: Counter
     enrollments: Counter
     expired: Counter
+    after_hours: Counter
+    held: Counter
+    released: Counter
+    auto_replies: Counter
+    urgent: Counter
+    first_reply: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> RelayMetrics:
@@ -82,6 +88,14 @@ class RelayMetrics:
         )
         for outcome in ("enrolled", "refused"):
             enrollments.labels(outcome)
+        urgent = Counter(
+            "medrelay_urgent_escalations_total",
+            "Urgent patient messages to a clinician outside their hours, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("routed", "nobody_on_call"):
+            urgent.labels(outcome)
         return cls(
             connections=connections,
             envelopes_received=Counter(
@@ -112,6 +126,33 @@ class RelayMetrics:
             expired=Counter(
                 "medrelay_envelopes_expired_total",
                 "Envelopes deleted undelivered after their time to live.",
+                registry=registry,
+            ),
+            after_hours=Counter(
+                "medrelay_after_hours_messages_total",
+                "Patients' messages that reached a clinician outside their hours.",
+                registry=registry,
+            ),
+            held=Counter(
+                "medrelay_held_envelopes_total",
+                "Envelopes held for a clinician's hours.",
+                registry=registry,
+            ),
+            released=Counter(
+                "medrelay_released_envelopes_total",
+                "Held envelopes moved to their device's queue at the clinician's opening.",
+                registry=registry,
+            ),
+            auto_replies=Counter(
+                "medrelay_auto_replies_total",
+                "Automatic replies (clinic-signed notices) sent to patients.",
+                registry=registry,
+            ),
+            urgent=urgent,
+            first_reply=Histogram(
+                "medrelay_first_reply_seconds",
+                "Time from a patient's message to the clinician's first reply.",
+                buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800, 604800),
                 registry=registry,
             ),
         )

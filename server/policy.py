@@ -55,11 +55,15 @@ class RequestType(enum.Enum):
     PREKEYS_PUT = "prekeys_put"
     ACK = "ack"
     DIRECTORY_SEARCH = "directory_search"
+    AVAILABILITY_GET = "availability_get"
+    SCHEDULE_SET = "schedule_set"
+    ROSTER_GET = "roster_get"
     # Staff actions (admin commands and protocol requests).
     LINK_CREATE = "link_create"
     LINK_END = "link_end"
     ACCOUNT_CREATE_PATIENT = "account_create_patient"
     ACCOUNT_CREATE_STAFF = "account_create_staff"
+    ROSTER_EDIT = "roster_edit"
 
 
 STAFF_ACTIONS: Final = frozenset(
@@ -68,6 +72,7 @@ STAFF_ACTIONS: Final = frozenset(
         RequestType.LINK_END,
         RequestType.ACCOUNT_CREATE_PATIENT,
         RequestType.ACCOUNT_CREATE_STAFF,
+        RequestType.ROSTER_EDIT,
     }
 )
 REQUESTS_OF_MESSAGE: Final[Mapping[str, frozenset[RequestType]]] = {
@@ -78,6 +83,11 @@ REQUESTS_OF_MESSAGE: Final[Mapping[str, frozenset[RequestType]]] = {
     "prekeys_put": frozenset({RequestType.PREKEYS_PUT}),
     "ack": frozenset({RequestType.ACK}),
     "directory_search": frozenset({RequestType.DIRECTORY_SEARCH}),
+    "availability_get": frozenset({RequestType.AVAILABILITY_GET}),
+    "schedule_set": frozenset({RequestType.SCHEDULE_SET}),
+    "roster_add": frozenset({RequestType.ROSTER_EDIT}),
+    "roster_remove": frozenset({RequestType.ROSTER_EDIT}),
+    "roster_get": frozenset({RequestType.ROSTER_GET}),
     "link_create": frozenset({RequestType.LINK_CREATE}),
     "link_end": frozenset({RequestType.LINK_END}),
     # Which of the two depends on the role of the account to create.
@@ -169,7 +179,27 @@ _DIRECTORY: Final[Mapping[Role, Rule]] = {
     Role.RECORDS: Rule(free=_CLINICIANS, own=True),
 }
 
+# Availability: whoever may write to a clinician may ask when they are available; a clinician
+# keeps their own schedule, an admin anyone's; registrars and admins keep the on-call roster.
+_SCHEDULE: Final[Mapping[Role, Rule]] = {
+    Role.ADMIN: Rule(free=_CLINICIANS, own=True),
+    **{role: Rule(own=True) for role in Role if role is not Role.ADMIN},
+}
+_ROSTER_EDIT: Final[Mapping[Role, Rule]] = {
+    Role.ADMIN: Rule(free=_CLINICIANS),
+    Role.REGISTRAR: Rule(free=_CLINICIANS),
+    Role.DOCTOR: NOTHING,
+    Role.NURSE: NOTHING,
+    Role.PATIENT: NOTHING,
+    Role.RECORDS: NOTHING,
+}
+_ROSTER_GET: Final[Mapping[Role, Rule]] = {role: Rule(own=role in _STAFF) for role in Role}
+
 POLICY: Final[Mapping[RequestType, Mapping[Role, Rule]]] = {
+    RequestType.AVAILABILITY_GET: _WRITE,
+    RequestType.SCHEDULE_SET: _SCHEDULE,
+    RequestType.ROSTER_EDIT: _ROSTER_EDIT,
+    RequestType.ROSTER_GET: _ROSTER_GET,
     RequestType.DIRECTORY_SEARCH: _DIRECTORY,
     RequestType.SEND: _WRITE,
     RequestType.BUNDLE_GET: _WRITE,
@@ -234,6 +264,10 @@ _VERBS: Final = {
     RequestType.PREKEYS_PUT: "upload prekeys for",
     RequestType.ACK: "acknowledge messages for",
     RequestType.DIRECTORY_SEARCH: "look up",
+    RequestType.AVAILABILITY_GET: "ask about the hours of",
+    RequestType.SCHEDULE_SET: "change the schedule of",
+    RequestType.ROSTER_GET: "read the on-call roster as",
+    RequestType.ROSTER_EDIT: "put on call",
     RequestType.LINK_CREATE: "create care links for",
     RequestType.LINK_END: "end care links of",
     RequestType.ACCOUNT_CREATE_PATIENT: "create",

@@ -31,6 +31,7 @@ from medrelay.protocol.messages import (
     AccountCreate,
     Ack,
     Auth,
+    AvailabilityGet,
     BundleGet,
     Deliver,
     DeliveredItem,
@@ -40,16 +41,22 @@ from medrelay.protocol.messages import (
     DirectorySearch,
     Error,
     Hello,
+    ItemKind,
     LinkCreate,
     LinkEnd,
     LogGet,
     Message,
     PrekeysPut,
     Resume,
+    RosterAdd,
+    RosterGet,
+    RosterRemove,
+    ScheduleSet,
     Send,
     Welcome,
 )
 from medrelay.protocol.versions import negotiate
+from medrelay.server.availability.offhours import flag_names
 from medrelay.server.policy import RequestType
 from medrelay.server.relay.delivery import DeliveryPump
 from medrelay.server.relay.errors import RelayError
@@ -205,6 +212,7 @@ class ClientConnection:
                     user=item.peer_user,
                     device=item.peer_device,
                     ciphertext=item.ciphertext,
+                    flags=flag_names(item.flags) if item.kind is ItemKind.MESSAGE else None,
                 )
             )
             size += item.size
@@ -254,6 +262,10 @@ class ClientConnection:
                 answer = self._service.log_get(device, message)
             elif isinstance(message, DirectorySearch | AccountCreate | LinkCreate | LinkEnd):
                 answer = self._service.staff_request(device, message)
+            elif isinstance(
+                message, AvailabilityGet | ScheduleSet | RosterAdd | RosterRemove | RosterGet
+            ):
+                answer = self._service.availability_request(device, message)
             else:  # pragma: no cover - the transition table admits nothing else
                 raise TypeError(f"no handler for {message.TYPE}")
             self._track(answer, message.rid)

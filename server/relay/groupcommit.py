@@ -48,14 +48,18 @@ class WriteBatcher:
         store: RelayStore,
         limits: WriteLimits,
         metrics: RelayMetrics | None = None,
+        *,
         on_notices: Callable[[Sequence[QueuedItem]], None] | None = None,
+        on_result: Callable[[WriteResult], None] | None = None,
     ) -> None:
         self._clock = clock
         self._store = store
         self._limits = limits
         self._metrics = metrics
         self._on_notices = on_notices
+        self._on_result = on_result
         self._expire_up_to = 0
+        self._release = False
         self._sends: list[tuple[SendRequest, Deferred[SendOutcome]]] = []
         self._acks: list[tuple[int, tuple[int, ...]]] = []
         self._scheduled: IDelayedCall | None = None
@@ -80,9 +84,20 @@ class WriteBatcher:
         self._expire_up_to = max(self._expire_up_to, up_to)
         self._schedule()
 
+    def release(self) -> None:
+        """Have the next batch move held messages whose clinician's hours are open now into
+        their queues (releases ride in the group commit for the same reason expiry does)."""
+        self._release = True
+        self._schedule()
+
     @property
     def pending(self) -> int:
-        return len(self._sends) + len(self._acks) + (1 if self._expire_up_to else 0)
+        return (
+            len(self._sends)
+            + len(self._acks)
+            + (1 if self._expire_up_to else 0)
+            + (1 if self._release else 0)
+        )
 
     def when_idle(self) -> Deferred[None]:
         """Fires once nothing is pending or in flight (for an orderly shutdown)."""
@@ -108,8 +123,12 @@ class WriteBatcher:
         )
         acks, self._acks = self._acks, []
         expire_up_to, self._expire_up_to = self._expire_up_to, 0
+        release, self._release = self._release, False
         batch = WriteBatch(
-            sends=tuple(r for r, _ in sends), acks=tuple(acks), expire_up_to=expire_up_to
+            sends=tuple(r for r, _ in sends),
+            acks=tuple(acks),
+            release=release,
+            expire_up_to=expire_up_to,
         )
         self._in_flight = True
         now_ms = int(self._clock.seconds() * 1000)
@@ -120,6 +139,10 @@ class WriteBatcher:
                 self._metrics.expired.inc(result.expired)
             if result.notices and self._on_notices is not None:
                 self._on_notices(result.notices)
+            if result.released and self._on_notices is not None:
+                self._on_notices(result.released)
+            if self._on_result is not None:
+                self._on_result(result)
             for (_, waiter), outcome in zip(sends, result.sends, strict=True):
                 waiter.callback(outcome)
 

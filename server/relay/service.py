@@ -47,6 +47,7 @@ from medrelay.protocol.messages import (
     DeviceList,
     DevicesGet,
     DirectorySearch,
+    ItemKind,
     Limits,
     LinkCreate,
     LinkEnd,
@@ -59,6 +60,7 @@ from medrelay.protocol.messages import (
     Send,
     Sent,
 )
+from medrelay.server.availability.offhours import OffHours
 from medrelay.server.metrics import SEND_OUTCOMES, RelayMetrics
 from medrelay.server.policy import (
     Relationship,
@@ -81,10 +83,12 @@ from medrelay.server.relay.store import (
     SendAccepted,
     SendRequest,
     WriteLimits,
+    WriteResult,
 )
 from medrelay.server.transparency import TransparencyLog
 
 if TYPE_CHECKING:
+    from medrelay.server.availability.service import AvailabilityRequest, AvailabilityService
     from medrelay.server.staff import StaffService
 
 _log = Logger()
@@ -163,10 +167,14 @@ class RelayService(Service):
         metrics: RelayMetrics,
         identity_log: TransparencyLog | None = None,
         staff: StaffService | None = None,
+        availability: AvailabilityService | None = None,
+        offhours: OffHours | None = None,
     ) -> None:
         self.store = store
         self.identity_log = identity_log
         self.staff = staff
+        self.availability = availability
+        self.offhours = offhours
         self.clock = clock
         self.rng = rng
         self.config = config
@@ -175,9 +183,10 @@ class RelayService(Service):
         self.batcher = WriteBatcher(
             clock,
             store,
-            WriteLimits(ttl_ms=config.ttl_s * 1000, queue_cap=config.queue_cap),
+            WriteLimits(ttl_ms=config.ttl_s * 1000, queue_cap=config.queue_cap, offhours=offhours),
             metrics,
             on_notices=self._push,
+            on_result=self._batch_done,
         )
         self._online: dict[int, ClientConnection] = {}
         # Metric children looked up once: `labels()` on every send is measurable at scale.
@@ -191,17 +200,28 @@ class RelayService(Service):
         self._next_connection = 0
         self._expiry = LoopingCall(self._expire)
         self._expiry.clock = clock
+        # Held messages: checked at each clinician's next opening, and every few seconds in
+        # case hours, absences or the clock changed.
+        self._release_check = LoopingCall(self.release_held)
+        self._release_check.clock = clock
+        self._next_release: IDelayedCall | None = None
 
     # -- service life cycle ----------------------------------------------------------------
 
     def startService(self) -> None:  # noqa: N802 (Twisted's IService name)
         super().startService()  # type: ignore[no-untyped-call]
         self._expiry.start(self.config.expiry_interval_s, now=True)
+        if self.offhours is not None:
+            self._release_check.start(self.offhours.config.release_check_s, now=True)
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 (Twisted's IService name)
         super().stopService()  # type: ignore[no-untyped-call]
         if self._expiry.running:
             self._expiry.stop()
+        if self._release_check.running:
+            self._release_check.stop()
+        if self._next_release is not None and self._next_release.active():
+            self._next_release.cancel()
         for connection in list(self._connections):
             connection.close_for(
                 "connection_lost", ErrorCode.SERVER_BUSY, "the server is shutting down"
@@ -210,6 +230,33 @@ class RelayService(Service):
 
     def _expire(self) -> None:
         self.batcher.expire(self.config.expiry_batch)
+
+    def release_held(self) -> None:
+        """Deliver the held messages of clinicians whose hours are open now."""
+        if self.offhours is not None:
+            self.batcher.release()
+
+    def _batch_done(self, result: WriteResult) -> None:
+        if result.released:
+            self.metrics.released.inc(len(result.released))
+        tally = result.after_hours
+        if tally is not None:
+            self.metrics.after_hours.inc(tally.after_hours)
+            self.metrics.held.inc(tally.held)
+            self.metrics.auto_replies.inc(tally.auto_replies)
+            self.metrics.urgent.labels("routed").inc(tally.urgent_routed)
+            self.metrics.urgent.labels("nobody_on_call").inc(tally.urgent_unrouted)
+            for seconds in tally.first_reply_s:
+                self.metrics.first_reply.observe(seconds)
+            if tally.held:
+                self.release_held()  # learns when the clinician opens and schedules it
+        if result.next_release_ms is not None and self.running:
+            delay = max(0.0, result.next_release_ms / 1000 - self.clock.seconds())
+            if self._next_release is not None and self._next_release.active():
+                if self._next_release.getTime() <= self.clock.seconds() + delay:
+                    return
+                self._next_release.cancel()
+            self._next_release = self.clock.callLater(delay, self.release_held)
 
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -358,6 +405,7 @@ class RelayService(Service):
             message_id=message.message_id,
             envelopes=envelopes,
             digest=send_digest(envelopes),
+            urgent=bool(message.urgent),
         )
 
         def stored(outcome: SendAccepted | RelayError) -> Message:
@@ -369,9 +417,18 @@ class RelayService(Service):
                 self._send_outcomes["duplicate"].inc()
             else:
                 self._send_outcomes["stored"].inc()
-                self.metrics.envelopes_received.inc(len(outcome.items))
+                self.metrics.envelopes_received.inc(
+                    sum(1 for i in outcome.items if i.kind is ItemKind.MESSAGE)
+                )
                 self._push(outcome.items)
-            return Sent(rid=message.rid, message_id=message.message_id, time_ms=outcome.time_ms)
+            return Sent(
+                rid=message.rid,
+                message_id=message.message_id,
+                time_ms=outcome.time_ms,
+                held=True if outcome.held else None,
+                reads_at_ms=outcome.reads_at_ms,
+                on_call=outcome.on_call,
+            )
 
         return self.batcher.send(request).addCallback(stored)
 
@@ -527,6 +584,16 @@ class RelayService(Service):
         else:
             answer = staff.end_link(device, message)  # type: ignore[assignment]
         return answer
+
+    def availability_request(
+        self, device: DeviceRecord, message: AvailabilityRequest
+    ) -> Deferred[Message]:
+        """Hours, schedules and the on-call roster (`medrelay.server.availability.service`)."""
+        if self.availability is None:
+            return _failed(
+                RelayError(ErrorCode.NOT_FOUND, f"this server does not serve {message.TYPE}")
+            )
+        return self.availability.handle(device, message)
 
     def put_prekeys(self, device: DeviceRecord, message: PrekeysPut) -> Deferred[Message]:
         refused = self.own_refusal(device, RequestType.PREKEYS_PUT)

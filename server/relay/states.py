@@ -48,6 +48,11 @@ REQUESTS: Final = (
     "account_create",
     "link_create",
     "link_end",
+    "availability_get",
+    "schedule_set",
+    "roster_add",
+    "roster_remove",
+    "roster_get",
 )
 
 TRANSITIONS: Final[dict[tuple[State, str], State]] = {

@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from medrelay.crypto.certificates import Role
 from medrelay.protocol.messages import ItemKind
+from medrelay.server.availability.offhours import AfterHoursTally, OffHours
 from medrelay.server.policy import (
     Decision,
     LinkSpan,
@@ -72,6 +73,7 @@ class SendRequest:
     envelopes: tuple[Envelope, ...]
     digest: bytes
     """SHA-256 over the canonical envelope list: a resend with the same id must match it."""
+    urgent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,8 @@ class QueuedItem:
     peer_user: str
     peer_device: str
     ciphertext: bytes | None
+    flags: int = 0
+    """"msg": FLAG_* bits of medrelay.server.availability.offhours (urgent, after hours, held)."""
 
     @property
     def size(self) -> int:
@@ -101,6 +105,12 @@ class SendAccepted:
     time_ms: int
     items: tuple[QueuedItem, ...]
     duplicate: bool = False
+    held: bool = False
+    """Some envelopes wait for a clinician's hours (the patient's message arrived outside)."""
+    reads_at_ms: int | None = None
+    """When the clinician addressed, outside their hours, reads it (next opening)."""
+    on_call: str | None = None
+    """An urgent message reached this on-call clinician at once."""
 
 
 SendOutcome = SendAccepted | RelayError
@@ -139,6 +149,8 @@ class WriteBatch:
     sends: tuple[SendRequest, ...] = ()
     acks: tuple[tuple[int, tuple[int, ...]], ...] = ()
     """(device pk, acknowledged seqs) pairs."""
+    release: bool = False
+    """Also move held messages of clinicians whose hours are open now into their queues."""
     expire_up_to: int = 0
     """Also delete up to this many expired items, queueing "expired" notices to their senders.
     Expiry rides in the group commit because every insert into a queue must go through the one
@@ -153,6 +165,11 @@ class WriteResult:
     """The "expired" notices queued by this batch, for pushing to connected senders."""
     expired: int = 0
     """How many undelivered items were deleted."""
+    released: tuple[QueuedItem, ...] = ()
+    """Held messages this batch moved into queues (for pushing)."""
+    next_release_ms: int | None = None
+    """With `release`: when the next clinician still holding messages opens (None: unknown)."""
+    after_hours: AfterHoursTally | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +178,8 @@ class WriteLimits:
 
     ttl_ms: int
     queue_cap: int
+    offhours: OffHours | None = None
+    """The availability rules (None: every clinician counts as always available)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,7 +64,9 @@ class QueueItem:
     """For "msg": the sending user and device. For "expired": the user and device that missed
     the message."""
     ciphertext: bytes | None
-    """The envelope for this device ("msg"); None for "expired"."""
+    """The envelope for this device ("msg"), the signed notice ("notice"); None for "expired"."""
+    flags: int = 0
+    """"msg": what the relay knows about it (medrelay.server.availability.offhours FLAG_*)."""
 
     @property
     def size(self) -> int:
@@ -267,6 +269,7 @@ _ITEM_COLUMNS = (
     queue_items.c.peer_user,
     queue_items.c.peer_device,
     queue_items.c.ciphertext,
+    queue_items.c.flags,
 )
 
 
@@ -313,6 +316,7 @@ def fetch_queue_txn(
             peer_user=row.peer_user,
             peer_device=row.peer_device,
             ciphertext=bytes(row.ciphertext) if row.ciphertext is not None else None,
+            flags=int(row.flags),
         )
         for row in rows
     ]

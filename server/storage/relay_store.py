@@ -22,6 +22,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from twisted.internet.defer import Deferred
 
 from medrelay.crypto.certificates import Role
 from medrelay.protocol.messages import ItemKind
+from medrelay.server.availability.offhours import FLAG_HELD, FLAG_URGENT
+from medrelay.server.availability.schedule import Schedule
 from medrelay.server.policy import LinkSpan, Standing, pair_state
 from medrelay.server.relay.errors import (
     id_conflict,
@@ -55,10 +58,12 @@ from medrelay.server.relay.store import (
     send_refusal,
 )
 from medrelay.server.storage import accounts as accounts_store
+from medrelay.server.storage import availability as availability_store
 from medrelay.server.storage import care as care_store
 from medrelay.server.storage import devices as devices_store
 from medrelay.server.storage import prekeys as prekeys_store
 from medrelay.server.storage import queue as queue_store
+from medrelay.server.storage.after_hours import AfterHoursView, Routing
 from medrelay.server.storage.database import Database
 from medrelay.server.storage.schema import accounts, devices, messages, queue_items
 
@@ -165,7 +170,11 @@ def _read_view(conn: Connection, sends: Sequence[SendRequest]) -> _BatchView:
 
 
 def _judge(
-    send: SendRequest, view: _BatchView, limits: WriteLimits, now_ms: int
+    send: SendRequest,
+    view: _BatchView,
+    limits: WriteLimits,
+    now_ms: int,
+    after: AfterHoursView | None,
 ) -> SendOutcome | list[int]:
     """A refusal or duplicate outcome, or the target device pks (in envelope order) to store."""
     sender = send.sender
@@ -176,11 +185,18 @@ def _judge(
             return id_conflict()
         return SendAccepted(time_ms=time_ms, items=(), duplicate=True)
     users = {e.username for e in send.envelopes} | {sender.username}
+    on_call: set[str] = set()
+    if after is not None and send.urgent:
+        on_call, changed = after.urgent_extras(send, view.roles)
+        if changed is not None:
+            return changed
     for username in sorted(users):
         role = view.roles.get(username)
         if role is None:
             return unknown_user(username)
         state = pair_state(view.links, sender.username, username, now_ms)
+        if username in on_call and username not in view.closed:
+            continue  # an urgent message to the clinician on call needs no care link
         refusal = send_refusal(sender, username, role, closed=username in view.closed, state=state)
         if refusal is not None:
             return refusal
@@ -203,67 +219,149 @@ def _judge(
 
 def _store_sends(
     conn: Connection, sends: Sequence[SendRequest], now_ms: int, limits: WriteLimits
-) -> tuple[SendOutcome, ...]:
+) -> tuple[tuple[SendOutcome, ...], AfterHoursView | None]:
     view = _read_view(conn, sends)
+    after = (
+        AfterHoursView.load(conn, sends, view.roles, limits.offhours, now_ms)
+        if limits.offhours is not None
+        else None
+    )
     verdicts: list[SendOutcome | list[int]] = []
     for send in sends:
-        verdict = _judge(send, view, limits, now_ms)
+        verdict = _judge(send, view, limits, now_ms, after)
         if isinstance(verdict, list):
             view.stored[(send.sender.pk, send.message_id)] = (send.digest, now_ms)
         verdicts.append(verdict)
     accepted = [(s, v) for s, v in zip(sends, verdicts, strict=True) if isinstance(v, list)]
     if not accepted:
-        return tuple(v for v in verdicts if not isinstance(v, list))
-    seqs = iter(_insert_accepted(conn, accepted, now_ms, now_ms + limits.ttl_ms))
-    _adjust(conn, Counter(pk for _, targets in accepted for pk in targets))
+        return tuple(v for v in verdicts if not isinstance(v, list)), after
+    planned: list[tuple[SendRequest, list[QueuedItem], Routing | None]] = []
+    held: list[availability_store.HeldEnvelope] = []
+    for send, targets in accepted:
+        routing = after.route(send, targets, view.roles, view.links) if after else None
+        rows: list[QueuedItem] = []
+        for index, (pk, envelope) in enumerate(zip(targets, send.envelopes, strict=True)):
+            flags = routing.flags[index] if routing else (FLAG_URGENT if send.urgent else 0)
+            if routing is not None and index in routing.held:
+                held.append(
+                    availability_store.HeldEnvelope(
+                        clinician_pk=routing.held[index],
+                        device_pk=pk,
+                        peer_user=send.sender.username,
+                        peer_device=send.sender.device_id,
+                        message_id=send.message_id,
+                        created_ms=now_ms,
+                        sender_device_pk=send.sender.pk,
+                        ciphertext=envelope.ciphertext,
+                        flags=flags,
+                    )
+                )
+                continue
+            rows.append(_message_row(send, pk, envelope.ciphertext, now_ms, flags))
+        for clinician, notice in routing.notices if routing else ():
+            rows.extend(
+                _notice_row(pk, send.message_id, clinician, notice, now_ms)
+                for pk in view.current[send.sender.username].values()
+            )
+        planned.append((send, rows, routing))
+    seqs = iter(
+        _insert_accepted(
+            conn,
+            [s for s, _ in accepted],
+            [row for _, rows, _ in planned for row in rows],
+            now_ms,
+            now_ms + limits.ttl_ms,
+        )
+    )
+    availability_store.hold_txn(conn, held)
+    _adjust(conn, Counter(row.device_pk for _, rows, _ in planned for row in rows))
     outcomes: list[SendOutcome] = []
-    for send, verdict in zip(sends, verdicts, strict=True):
+    plans = iter(planned)
+    for verdict in verdicts:
         if not isinstance(verdict, list):
             outcomes.append(verdict)
             continue
-        items = tuple(
-            QueuedItem(
-                device_pk=pk,
-                seq=int(next(seqs)),
-                kind=ItemKind.MESSAGE,
-                message_id=send.message_id,
+        _, rows, routing = next(plans)
+        items = tuple(dataclasses.replace(row, seq=int(next(seqs))) for row in rows)
+        outcomes.append(
+            SendAccepted(
                 time_ms=now_ms,
-                peer_user=send.sender.username,
-                peer_device=send.sender.device_id,
-                ciphertext=envelope.ciphertext,
+                items=items,
+                held=bool(routing and routing.held),
+                reads_at_ms=routing.reads_at_ms if routing else None,
+                on_call=routing.on_call if routing else None,
             )
-            for pk, envelope in zip(verdict, send.envelopes, strict=True)
         )
-        outcomes.append(SendAccepted(time_ms=now_ms, items=items))
-    return tuple(outcomes)
+    return tuple(outcomes), after
+
+
+def _message_row(
+    send: SendRequest, device_pk: int, ciphertext: bytes, now_ms: int, flags: int
+) -> QueuedItem:
+    return QueuedItem(
+        device_pk=device_pk,
+        seq=0,
+        kind=ItemKind.MESSAGE,
+        message_id=send.message_id,
+        time_ms=now_ms,
+        peer_user=send.sender.username,
+        peer_device=send.sender.device_id,
+        ciphertext=ciphertext,
+        flags=flags,
+    )
+
+
+def _notice_row(
+    device_pk: int, message_id: bytes, clinician: str, notice: bytes, now_ms: int
+) -> QueuedItem:
+    return QueuedItem(
+        device_pk=device_pk,
+        seq=0,
+        kind=ItemKind.NOTICE,
+        message_id=message_id,
+        time_ms=now_ms,
+        peer_user=clinician,
+        peer_device="",
+        ciphertext=notice,
+    )
 
 
 def _insert_accepted(
     conn: Connection,
-    accepted: Sequence[tuple[SendRequest, list[int]]],
+    accepted: Sequence[SendRequest],
+    rows: Sequence[QueuedItem],
     now_ms: int,
     expires_ms: int,
 ) -> list[int]:
-    """Insert the accepted sends' message ids and queue rows; the new seqs in row order."""
+    """Insert the accepted sends' message ids and the queue rows (seq ignored); the new seqs
+    in row order."""
     messages_rows: list[tuple[object, ...]] = [
-        (s.sender.pk, s.message_id, s.digest, now_ms) for s, _ in accepted
+        (s.sender.pk, s.message_id, s.digest, now_ms) for s in accepted
     ]
+    senders = {(s.sender.username, s.sender.device_id): s.sender.pk for s in accepted}
     item_rows: list[tuple[object, ...]] = [
         (
-            pk,
-            queue_store.MSG,
-            s.sender.username,
-            s.sender.device_id,
-            s.message_id,
-            now_ms,
+            row.device_pk,
+            row.kind.value,
+            row.peer_user,
+            row.peer_device,
+            row.message_id,
+            row.time_ms,
             expires_ms,
-            s.sender.pk,
-            len(envelope.ciphertext),
-            envelope.ciphertext,
+            senders[(row.peer_user, row.peer_device)] if row.kind is ItemKind.MESSAGE else None,
+            len(row.ciphertext or b""),
+            row.ciphertext,
+            row.flags,
         )
-        for s, targets in accepted
-        for pk, envelope in zip(targets, s.envelopes, strict=True)
+        for row in rows
     ]
+    if not item_rows:
+        conn.exec_driver_sql(_SQLITE_INSERT_MESSAGES, messages_rows) if (
+            conn.dialect.name == "sqlite"
+        ) else conn.execute(
+            _INSERT_MESSAGES, [dict(zip(_MESSAGE_KEYS, r, strict=True)) for r in messages_rows]
+        )
+        return []
     if conn.dialect.name == "sqlite":
         return _insert_sqlite(conn, messages_rows, item_rows)
     conn.execute(
@@ -276,7 +374,7 @@ def _insert_accepted(
 _MESSAGE_KEYS: Final = ("sender_device_pk", "message_id", "digest", "created_at")
 _ITEM_KEYS: Final = (
     "device_pk", "kind", "peer_user", "peer_device", "message_id", "created_at", "expires_at",
-    "sender_device_pk", "size", "ciphertext",
+    "sender_device_pk", "size", "ciphertext", "flags",
 )  # fmt: skip
 # Written out in full (a test checks them against the schema's columns).
 _SQLITE_INSERT_MESSAGES: Final = (
@@ -284,7 +382,8 @@ _SQLITE_INSERT_MESSAGES: Final = (
 )
 _SQLITE_INSERT_ITEMS: Final = (
     "INSERT INTO queue_items (device_pk, kind, peer_user, peer_device, message_id, created_at,"
-    " expires_at, sender_device_pk, size, ciphertext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " expires_at, sender_device_pk, size, ciphertext, flags)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SQLITE_LAST_SEQ: Final = "SELECT seq FROM sqlite_sequence WHERE name = 'queue_items'"
 _SQLITE_NEW_SEQS: Final = "SELECT seq FROM queue_items WHERE seq > ? ORDER BY seq"
@@ -344,15 +443,55 @@ def apply_writes_txn(
     """One group commit: acknowledgements, then sends, then expiry, in one transaction."""
     if batch.acks:
         _delete_acked(conn, batch.acks)
-    outcomes = _store_sends(conn, batch.sends, now_ms, limits) if batch.sends else ()
-    if not batch.expire_up_to:
-        return WriteResult(outcomes)
-    expiry = queue_store.expire_queue_txn(conn, now_ms, batch=batch.expire_up_to)
-    queue_store.prune_messages_txn(
-        conn, now_ms - limits.ttl_ms - 24 * 3600 * 1000, batch=batch.expire_up_to
+    outcomes: tuple[SendOutcome, ...] = ()
+    after: AfterHoursView | None = None
+    if batch.sends:
+        outcomes, after = _store_sends(conn, batch.sends, now_ms, limits)
+    released: tuple[QueuedItem, ...] = ()
+    next_release: int | None = None
+    if batch.release and limits.offhours is not None:
+        released, next_release = _release_txn(conn, now_ms, limits)
+    notices: tuple[QueuedItem, ...] = ()
+    deleted = 0
+    if batch.expire_up_to:
+        expiry = queue_store.expire_queue_txn(conn, now_ms, batch=batch.expire_up_to)
+        queue_store.prune_messages_txn(
+            conn, now_ms - limits.ttl_ms - 24 * 3600 * 1000, batch=batch.expire_up_to
+        )
+        notices = tuple(_queued(n.device_pk, n.item) for n in expiry.notices)
+        deleted = expiry.deleted
+    return WriteResult(
+        outcomes,
+        notices,
+        deleted,
+        released=released,
+        next_release_ms=next_release,
+        after_hours=after.tally if after is not None else None,
     )
-    notices = tuple(_queued(n.device_pk, n.item) for n in expiry.notices)
-    return WriteResult(outcomes, notices, expiry.deleted)
+
+
+def _release_txn(
+    conn: Connection, now_ms: int, limits: WriteLimits
+) -> tuple[tuple[QueuedItem, ...], int | None]:
+    """Move the held messages of every clinician whose hours are open now into the queues."""
+    offhours = limits.offhours
+    if offhours is None:  # pragma: no cover - the caller checks
+        return (), None
+
+    def is_open(schedule: Schedule | None, at_ms: int) -> tuple[bool, int | None]:
+        found = offhours.availability(schedule, at_ms)
+        return found.open_now, found.changes_at_ms
+
+    due, next_at = availability_store.due_clinicians_txn(
+        conn, now_ms, offhours.config.time_zone, is_open
+    )
+    released: list[QueuedItem] = []
+    for clinician_pk in due:
+        for row in availability_store.release_txn(
+            conn, clinician_pk, now_ms, now_ms + limits.ttl_ms, FLAG_HELD
+        ):
+            released.append(dataclasses.replace(_queued(row.device_pk, row.item), flags=row.flags))
+    return tuple(released), next_at
 
 
 def _queued(device_pk: int, item: queue_store.QueueItem) -> QueuedItem:
@@ -365,6 +504,7 @@ def _queued(device_pk: int, item: queue_store.QueueItem) -> QueuedItem:
         peer_user=item.peer_user,
         peer_device=item.peer_device,
         ciphertext=item.ciphertext,
+        flags=item.flags,
     )
 
 

@@ -48,7 +48,8 @@ metadata: Final = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 ROLES: Final = tuple(role.value for role in Role)
 ACCOUNT_STATUSES: Final = ("active", "revoked")
-QUEUE_KINDS: Final = ("msg", "expired")
+QUEUE_KINDS: Final = ("msg", "expired", "notice")
+ABSENCE_REASONS: Final = ("vacation", "sick", "other")
 
 # A growing integer key: BIGINT on PostgreSQL; on SQLite it must be spelled INTEGER to become the
 # rowid alias (and to allow AUTOINCREMENT).
@@ -183,11 +184,15 @@ queue_items: Final = sa.Table(
     # For "msg" rows, so expiry can notify the sending device; NULL for "expired" rows.
     sa.Column("sender_device_pk", sa.Integer, sa.ForeignKey("devices.pk"), nullable=True),
     sa.Column("size", sa.Integer, nullable=False),
+    # "msg": the ciphertext; "notice": the clinic-signed notice; "expired": NULL.
     sa.Column("ciphertext", sa.LargeBinary, nullable=True),
+    # "msg": ItemFlag bits (urgent 1, after hours 2, held 4) the relay knows; else 0.
+    sa.Column("flags", sa.Integer, nullable=False, server_default="0"),
     sa.CheckConstraint(_in("kind", QUEUE_KINDS), name="kind"),
     sa.CheckConstraint(
         "(kind = 'msg' AND ciphertext IS NOT NULL AND sender_device_pk IS NOT NULL)"
-        " OR (kind = 'expired' AND ciphertext IS NULL AND sender_device_pk IS NULL)",
+        " OR (kind = 'expired' AND ciphertext IS NULL AND sender_device_pk IS NULL)"
+        " OR (kind = 'notice' AND ciphertext IS NOT NULL AND sender_device_pk IS NULL)",
         name="kind_fields",
     ),
     sa.Index(None, "device_pk", "seq"),
@@ -267,6 +272,103 @@ care_links: Final = sa.Table(
     sa.Column("ended_by", sa.String(64), nullable=True),
     sa.Index(None, "patient_pk", "clinician_pk"),
     sa.Index(None, "clinician_pk"),
+)
+
+# --- availability (migration 0004) -------------------------------------------------------------
+
+schedules: Final = sa.Table(
+    "schedules",
+    metadata,
+    # One row per account that set anything: a patient only a time zone; a clinician hours,
+    # an automatic-reply template and an "available until" override too. No row, or NULL
+    # hours: the clinician has no hours and counts as always available.
+    sa.Column(
+        "account_pk",
+        sa.Integer,
+        sa.ForeignKey("accounts.pk"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    sa.Column("time_zone", sa.String(64), nullable=True),
+    # JSON array of [weekday, start minute, end minute] (medrelay.server.availability).
+    sa.Column("hours", sa.Text, nullable=True),
+    sa.Column("autoreply", sa.Text, nullable=True),
+    sa.Column("available_until", Millis, nullable=True),
+    sa.Column("updated_at", Millis, nullable=False),
+)
+
+absences: Final = sa.Table(
+    "absences",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("account_pk", sa.Integer, sa.ForeignKey("accounts.pk"), nullable=False),
+    # Whole local days (the clinician's zone), YYYY-MM-DD, inclusive.
+    sa.Column("first_day", sa.String(10), nullable=False),
+    sa.Column("last_day", sa.String(10), nullable=False),
+    sa.Column("reason", sa.String(16), nullable=False),
+    sa.CheckConstraint(_in("reason", ABSENCE_REASONS), name="reason"),
+    sa.Index(None, "account_pk"),
+)
+
+holidays: Final = sa.Table(
+    "holidays",
+    metadata,
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+)
+
+on_call_shifts: Final = sa.Table(
+    "on_call_shifts",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("clinician_pk", sa.Integer, sa.ForeignKey("accounts.pk"), nullable=False),
+    sa.Column("department", sa.String(200), nullable=False),
+    sa.Column("starts_at", Millis, nullable=False),
+    sa.Column("ends_at", Millis, nullable=False),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.Column("created_by", sa.String(64), nullable=False),
+    sa.Index(None, "department", "ends_at"),
+)
+
+held_items: Final = sa.Table(
+    "held_items",
+    metadata,
+    # A patient's envelope for a clinician's device, waiting for the clinician's hours. Moved
+    # into queue_items (in pk order, in one group commit) at the opening.
+    sa.Column("pk", BigKey, primary_key=True, autoincrement=True),
+    sa.Column("clinician_pk", sa.Integer, sa.ForeignKey("accounts.pk"), nullable=False),
+    sa.Column("device_pk", sa.Integer, sa.ForeignKey("devices.pk"), nullable=False),
+    sa.Column("peer_user", sa.String(64), nullable=False),
+    sa.Column("peer_device", sa.String(64), nullable=False),
+    sa.Column("message_id", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.Column("sender_device_pk", sa.Integer, sa.ForeignKey("devices.pk"), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("ciphertext", sa.LargeBinary, nullable=False),
+    sa.Column("flags", sa.Integer, nullable=False),
+    sa.Index(None, "clinician_pk", "pk"),
+    sqlite_autoincrement=True,
+)
+
+auto_replies: Final = sa.Table(
+    "auto_replies",
+    metadata,
+    # One automatic reply per (patient, clinician, off-hours window); the window is named by
+    # the instant it ends (the clinician's next opening).
+    sa.Column("patient_pk", sa.Integer, sa.ForeignKey("accounts.pk"), primary_key=True),
+    sa.Column("clinician_pk", sa.Integer, sa.ForeignKey("accounts.pk"), primary_key=True),
+    sa.Column("window_end", Millis, primary_key=True, autoincrement=False),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.Index(None, "created_at"),
+)
+
+awaiting_replies: Final = sa.Table(
+    "awaiting_replies",
+    metadata,
+    # The oldest unanswered message of a patient to a clinician (first-reply time metric).
+    sa.Column("patient_pk", sa.Integer, sa.ForeignKey("accounts.pk"), primary_key=True),
+    sa.Column("clinician_pk", sa.Integer, sa.ForeignKey("accounts.pk"), primary_key=True),
+    sa.Column("since", Millis, nullable=False),
 )
 
 

@@ -29,7 +29,7 @@ from protocol_strategies import (
 )
 
 from medrelay.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
-from medrelay.protocol.fields import UINT64_MAX, Bytes, Choice, ListOf, Nested, Text, UInt
+from medrelay.protocol.fields import UINT64_MAX, Bool, Bytes, Choice, ListOf, Nested, Text, UInt
 from medrelay.protocol.messages import (
     MESSAGE_TYPES,
     BundleGet,
@@ -228,9 +228,20 @@ def test_nested_maps_must_be_maps(cls: type[Message], site: FieldSite) -> None:
 
 def test_every_field_kind_is_exercised_by_the_limit_tests() -> None:
     """Fails when a codec class appears that none of the tests above probes."""
-    tested = (UInt, Bytes, Text, Choice, ListOf, Nested)
+    tested = (UInt, Bool, Bytes, Text, Choice, ListOf, Nested)
     for _, site in SITES:
         assert isinstance(site.codec, tested), f"{site.name}: {type(site.codec).__name__}"
+
+
+@pytest.mark.parametrize(("cls", "site"), _sites_of(Bool))
+def test_booleans_are_cbor_booleans_only(cls: type[Message], site: FieldSite) -> None:
+    base = _base(cls)
+    _accepts(cls, edited(base, site.location, True))
+    _accepts(cls, edited(base, site.location, False))
+    for wrong in (0, 1, "true", b"\x01", None):
+        if wrong is None and site.optional:
+            continue
+        _refuses(cls, edited(base, site.location, wrong), ErrorCode.INVALID_FIELD, site.name)
 
 
 # -- unknown, missing and null fields ----------------------------------------------------------
@@ -326,6 +337,14 @@ def test_delivered_items_carry_a_ciphertext_exactly_when_they_are_messages() -> 
     expired = dict(item, k="expired")
     _refuses(Deliver, dict(base, items=[expired]), ErrorCode.INVALID_FIELD, "deliver.items[0]")
     _accepts(Deliver, dict(base, items=[dict(without, k="expired")]))
+    # A clinic notice travels in the same field (it is signed, not encrypted).
+    _accepts(Deliver, dict(base, items=[dict(item, k="notice")]))
+    _refuses(
+        Deliver,
+        dict(base, items=[dict(without, k="notice")]),
+        ErrorCode.INVALID_FIELD,
+        "deliver.items[0]",
+    )
     assert isinstance(decode_body(canonical_body(base), Direction.SERVER_TO_CLIENT), Deliver)
 
 

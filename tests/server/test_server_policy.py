@@ -36,7 +36,7 @@ FREE: Final = "free"
 ACTIVE_LINK: Final = "active link"
 ANY_LINK: Final = "active or ended link"
 
-WRITE: Final = {"send", "bundle_get"}
+WRITE: Final = {"send", "bundle_get", "availability_get"}
 VERIFY: Final = {"devices_get", "log_get"}
 CLINICIANS: Final = {"doctor", "nurse"}
 STAFF: Final = {"doctor", "nurse", "registrar", "admin"}
@@ -63,6 +63,8 @@ RULES: Final = [
     ({"directory_search"}, {"patient"}, CLINICIANS, ACTIVE_LINK),
     ({"directory_search"}, {"records"}, CLINICIANS, FREE),
     ({"account_create_patient"}, {"registrar", "admin"}, {"patient"}, FREE),
+    ({"schedule_set"}, {"admin"}, CLINICIANS, FREE),
+    ({"roster_edit"}, {"registrar", "admin"}, CLINICIANS, FREE),
     (
         {"account_create_staff"},
         {"admin"},
@@ -72,11 +74,15 @@ RULES: Final = [
 ]
 OWN_ACCOUNT: Final = {
     "send", "bundle_get", "devices_get", "log_get", "prekeys_put", "ack", "directory_search",
+    "availability_get", "schedule_set",
 }  # fmt: skip
 """Requests anyone may make about their own account."""
+OWN_ACCOUNT_STAFF: Final = {"roster_get"}
+"""Requests only staff may make (about nobody else: the roster is the clinic's)."""
 KNOWN_REQUESTS: Final = {
     "send", "bundle_get", "devices_get", "log_get", "prekeys_put", "ack", "directory_search",
     "link_create", "link_end", "account_create_patient", "account_create_staff",
+    "availability_get", "schedule_set", "roster_get", "roster_edit",
 }  # fmt: skip
 NOT_REQUESTS: Final = {"hello", "auth", "resume"}
 """Client frames that come before login: not decided by the table."""
@@ -92,7 +98,10 @@ def expected(
     if relationship is Relationship.REVOKED:
         return Decision.ACCOUNT_CLOSED
     if own:
-        return Decision.ALLOWED if request.value in OWN_ACCOUNT else Decision.FORBIDDEN
+        allowed = request.value in OWN_ACCOUNT or (
+            request.value in OWN_ACCOUNT_STAFF and requester.value in STAFF
+        )
+        return Decision.ALLOWED if allowed else Decision.FORBIDDEN
     needs = [
         need
         for requests, who, whom, need in RULES

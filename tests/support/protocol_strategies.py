@@ -174,11 +174,22 @@ def sample_struct(cls: type[Struct], index: int = 0) -> Any:
         sorted(str(v) for v in f.codec.allowed) if isinstance(f.codec, Choice) else [None]
         for f in fields
     ]
-    for with_optional in (True, False):
+    optional = [f.name for f in fields if f.optional]
+    # Most optional fields present first; every subset when there are few (a rule such as
+    # "a notice item has no ciphertext" forbids some together), else all or none.
+    if len(optional) <= 6:
+        subsets = [
+            set(c)
+            for size in range(len(optional), -1, -1)
+            for c in itertools.combinations(optional, size)
+        ]
+    else:
+        subsets = [set(optional), set()]
+    for present in subsets:
         for picked in itertools.product(*choices):
             kwargs: dict[str, Any] = {}
             for f, choice in zip(fields, picked, strict=True):
-                if f.optional and not with_optional:
+                if f.optional and f.name not in present:
                     continue
                 kwargs[f.name] = choice if choice is not None else sample_value(f.codec, index)
             try:

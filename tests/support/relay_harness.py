@@ -26,6 +26,7 @@ from medrelay.protocol.messages import (
     Send,
     Welcome,
 )
+from medrelay.server.availability.offhours import OffHours
 from medrelay.server.metrics import RelayMetrics
 from medrelay.server.relay.connection import ClientConnection
 from medrelay.server.relay.service import RelayConfig, RelayService
@@ -139,7 +140,9 @@ class FakeClient:
 class Relay:
     """A relay service with its clock, store and device keys."""
 
-    def __init__(self, world: StoreWorld | None = None, **config: object) -> None:
+    def __init__(
+        self, world: StoreWorld | None = None, offhours: OffHours | None = None, **config: object
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)  # a plausible present, in seconds
         self.world: StoreWorld = world if world is not None else MemoryWorld()
@@ -153,6 +156,7 @@ class Relay:
             rng=seeded_rng(b"relay"),
             config=self.config,
             metrics=self.metrics,
+            offhours=offhours,
         )
         self._keys = seeded_rng(b"device keys")
         self.keys: dict[tuple[str, str], SigningKey] = {}

@@ -156,28 +156,32 @@ def schedule_set_txn(
         or message.absences is not None
     ):
         raise _invalid("schedule", f"{message.user} is a {account.role}: only a time zone applies")
-    changes: dict[str, object] = {}
+    time_zone: str | store.Unset = store.UNSET
+    hours: tuple[Interval, ...] | store.Unset = store.UNSET
+    autoreply: str | store.Unset | None = store.UNSET
+    available_until: int | store.Unset | None = store.UNSET
+    absence_list: tuple[Absence, ...] | store.Unset = store.UNSET
     if message.time_zone is not None:
         try:
             Schedule(time_zone=message.time_zone, intervals=())
         except ScheduleError as exc:
             raise _invalid("tz", str(exc)) from None
-        changes["time_zone"] = message.time_zone
+        time_zone = message.time_zone
     if message.hours is not None:
         try:
-            changes["hours"] = tuple(Interval(h.day, h.start, h.end) for h in message.hours)
+            hours = tuple(Interval(h.day, h.start, h.end) for h in message.hours)
         except ScheduleError as exc:
             raise _invalid("hours", str(exc)) from None
     if message.autoreply is not None:
         text = message.autoreply.strip()
         if any(ord(c) < 32 and c != "\n" for c in text):
             raise _invalid("autoreply", "control characters are not allowed")
-        changes["autoreply"] = text or None
+        autoreply = text or None
     if message.available_until_ms is not None:
         until = message.available_until_ms
         if until and not now < until <= now + MAX_OVERRIDE_MS:
             raise _invalid("until", "must be within the next 24 hours (0 clears it)")
-        changes["available_until_ms"] = until or None
+        available_until = until or None
     if message.absences is not None:
         spans: list[Absence] = []
         for span in message.absences:
@@ -187,8 +191,17 @@ def schedule_set_txn(
                 )
             except ScheduleError as exc:
                 raise _invalid("absences", str(exc)) from None
-        changes["absence_list"] = tuple(spans)
-    store.set_schedule_txn(conn, account.pk, now, **changes)  # type: ignore[arg-type]
+        absence_list = tuple(spans)
+    store.set_schedule_txn(
+        conn,
+        account.pk,
+        now,
+        time_zone=time_zone,
+        hours=hours,
+        autoreply=autoreply,
+        available_until_ms=available_until,
+        absence_list=absence_list,
+    )
     if not clinician:
         return _patient_answer(conn, device, message, offhours)
     return availability_txn(conn, device, message.user, message.rid, offhours, now=now)

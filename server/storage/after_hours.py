@@ -92,6 +92,8 @@ class AfterHoursView:
         now_ms: int,
     ) -> AfterHoursView | None:
         """None when no send of the batch is between a patient and a clinician."""
+        if _PATIENT not in roles.values():
+            return None  # the common case among staff: nothing to read
         names: set[str] = set()
         for send in sends:
             sender_role = send.sender.role
@@ -164,24 +166,23 @@ class AfterHoursView:
         if not send.urgent:
             return set(), None
         addressed = {e.username for e in send.envelopes}
-        extras: set[str] = set()
-        for clinician in self.away_clinicians(send, roles):
-            if clinician not in self.accounts:
-                continue
-            shift = self.on_call(clinician)
-            if shift is not None and shift.clinician != clinician:
-                extras.add(shift.clinician)
+        shifts = self._on_call_shifts(send, roles)
         # Addressed clinicians that are neither linked nor on call now are left to the policy
         # table (it names the missing link); on-call clinicians not addressed are an error.
+        for clinician, shift in shifts.items():
+            if shift.clinician not in addressed:
+                return set(), on_call_changed(clinician, shift.clinician)
+        return {shift.clinician for shift in shifts.values()}, None
+
+    def _on_call_shifts(self, send: SendRequest, roles: dict[str, str]) -> dict[str, store.Shift]:
+        """Each away clinician the send addresses -> the shift of whoever else answers urgent
+        messages for their department now."""
+        found: dict[str, store.Shift] = {}
         for clinician in self.away_clinicians(send, roles):
             shift = self.on_call(clinician)
-            if (
-                shift is not None
-                and shift.clinician != clinician
-                and (shift.clinician not in addressed)
-            ):
-                return extras, on_call_changed(clinician, shift.clinician)
-        return extras, None
+            if shift is not None and shift.clinician != clinician:
+                found[clinician] = shift
+        return found
 
     # -- routing an accepted send ----------------------------------------------------------
 
@@ -201,12 +202,8 @@ class AfterHoursView:
             return Routing(tuple(flags), {})
         patient = self.accounts[sender]
         away = self.away_clinicians(send, roles)
-        on_call_users: dict[str, store.Shift] = {}
-        if send.urgent:
-            for clinician in away:
-                shift = self.on_call(clinician)
-                if shift is not None and shift.clinician != clinician:
-                    on_call_users[shift.clinician] = shift
+        shifts = self._on_call_shifts(send, roles) if send.urgent else {}
+        on_call_users = {shift.clinician: shift for shift in shifts.values()}
         for username in sorted({e.username for e in send.envelopes} - {sender}):
             if roles.get(username) in _CLINICIANS and username not in on_call_users:
                 store.awaiting_reply_txn(
@@ -229,8 +226,8 @@ class AfterHoursView:
                 if policy is OffHoursPolicy.HOLD:
                     held[index] = account.pk
             if send.urgent:
-                shift = self.on_call(clinician)
-                routed = shift is not None and shift.clinician != clinician
+                shift = shifts.get(clinician)
+                routed = shift is not None
                 kind = NoticeKind.URGENT_ROUTED if routed else NoticeKind.URGENT_UNROUTED
                 if routed:
                     self.tally.urgent_routed += 1
@@ -248,7 +245,7 @@ class AfterHoursView:
                             reads_at_ms=reads_at,
                             patient_zone=zone,
                             template=None,
-                            on_call=shift.clinician if routed and shift else None,
+                            on_call=shift.clinician if shift is not None else None,
                         ),
                     )
                 )

@@ -39,7 +39,7 @@ from medrelay.server.policy import (
     relationship_of,
     utc_date,
 )
-from medrelay.server.storage.schema import accounts, care_links
+from medrelay.server.storage.schema import accounts, care_links, on_call_shifts
 
 DEFAULT_LINK_DAYS: Final = 365
 CLINICIAN_ROLES: Final = frozenset({Role.DOCTOR.value, Role.NURSE.value})
@@ -269,7 +269,49 @@ def standing_txn(conn: Connection, requester: str, target: str, now_ms: int) -> 
     # Links exist only between a patient and a clinician: for any other pair this finds none.
     pair = {requester, target}
     state = pair_state(pair_spans_txn(conn, pair, pair), requester, target, now_ms)
+    if (
+        state.relationship is not Relationship.ACTIVE
+        and row.role in CLINICIAN_ROLES
+        and _on_call_for_txn(conn, requester, target, now_ms)
+    ):
+        # During the shift, a patient reaches the on-call clinician of their care team's
+        # departments as if linked: needed to encrypt an urgent message to them.
+        state = PairState(Relationship.ACTIVE)
     return Standing(target, Role(row.role), state)
+
+
+def _on_call_for_txn(conn: Connection, patient: str, clinician: str, now_ms: int) -> bool:
+    """Whether `clinician` is on call now for the department of a clinician with whom
+    `patient` (if a patient) has an active care link."""
+    linked = accounts.alias("linked")
+    patient_pk = (
+        sa.select(accounts.c.pk)
+        .where(accounts.c.username == patient, accounts.c.role == Role.PATIENT.value)
+        .scalar_subquery()
+    )
+    departments = (
+        sa.select(linked.c.department)
+        .select_from(care_links.join(linked, care_links.c.clinician_pk == linked.c.pk))
+        .where(
+            care_links.c.patient_pk == patient_pk,
+            care_links.c.created_at <= now_ms,
+            care_links.c.ends_at > now_ms,
+            care_links.c.ended_at.is_(None),
+            linked.c.department.is_not(None),
+        )
+    )
+    shift = (
+        sa.select(on_call_shifts.c.pk)
+        .select_from(on_call_shifts.join(accounts, on_call_shifts.c.clinician_pk == accounts.c.pk))
+        .where(
+            accounts.c.username == clinician,
+            on_call_shifts.c.starts_at <= now_ms,
+            on_call_shifts.c.ends_at > now_ms,
+            on_call_shifts.c.department.in_(departments),
+        )
+        .limit(1)
+    )
+    return conn.execute(shift).first() is not None
 
 
 def relationship_txn(conn: Connection, a: str, b: str, now_ms: int) -> Relationship:

@@ -355,18 +355,14 @@ def _insert_accepted(
         )
         for row in rows
     ]
-    if not item_rows:
-        conn.exec_driver_sql(_SQLITE_INSERT_MESSAGES, messages_rows) if (
-            conn.dialect.name == "sqlite"
-        ) else conn.execute(
-            _INSERT_MESSAGES, [dict(zip(_MESSAGE_KEYS, r, strict=True)) for r in messages_rows]
-        )
-        return []
+
     if conn.dialect.name == "sqlite":
         return _insert_sqlite(conn, messages_rows, item_rows)
     conn.execute(
         _INSERT_MESSAGES, [dict(zip(_MESSAGE_KEYS, r, strict=True)) for r in messages_rows]
     )
+    if not item_rows:  # every envelope held, no notice: only the message id is stored
+        return []
     result = conn.execute(_INSERT_ITEMS, [dict(zip(_ITEM_KEYS, r, strict=True)) for r in item_rows])
     return [int(seq) for seq in result.scalars()]
 
@@ -399,6 +395,8 @@ def _insert_sqlite(
     another increasing seqs above every seq ever used, so the new rows are exactly those above
     the sequence's value before the insert, in insertion order."""
     conn.exec_driver_sql(_SQLITE_INSERT_MESSAGES, messages_rows)
+    if not item_rows:  # every envelope held, no notice: only the message id is stored
+        return []
     before = conn.exec_driver_sql(_SQLITE_LAST_SEQ).scalar() or 0
     conn.exec_driver_sql(_SQLITE_INSERT_ITEMS, item_rows)
     seqs = [int(seq) for seq in conn.exec_driver_sql(_SQLITE_NEW_SEQS, (before,)).scalars()]

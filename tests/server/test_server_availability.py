@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 from relay_harness import FakeClient, Relay
-from store_worlds import SqlWorld, sqlite_world
+from store_worlds import SqlWorld, postgres_world, sqlite_world
 
 from medrelay.crypto.certificates import ClinicKeyPurpose, issue_clinic_key_certificate
 from medrelay.crypto.keys import SigningKey
@@ -30,7 +30,9 @@ from medrelay.protocol.messages import (
 )
 from medrelay.server.availability.offhours import AvailabilityConfig, OffHours, OffHoursPolicy
 from medrelay.server.availability.schedule import Interval
+from medrelay.server.policy import Relationship
 from medrelay.server.storage import availability as availability_store
+from medrelay.server.storage import care as care_store
 from medrelay.server.storage.schema import accounts
 
 ZONE = "Europe/Berlin"
@@ -107,9 +109,15 @@ class World:
         self.relay.settle()
 
 
-@pytest.fixture
+def _sql(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> SqlWorld:
+    if backend == "sqlite":
+        return sqlite_world(request.getfixturevalue("sqlite_relay_template"), tmp_path)
+    return postgres_world(request.getfixturevalue("postgres_relay_url"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    sql = sqlite_world(request.getfixturevalue("sqlite_relay_template"), tmp_path)
+    sql = _sql(request, tmp_path, request.param)
     try:
         yield World(sql)
     finally:
@@ -214,6 +222,10 @@ def test_urgent_reaches_the_on_call_clinician_at_once(world: World) -> None:
         now_ms=now,
         created_by="registrar",
     )
+    # While on call, the patient may fetch their keys (to encrypt to them), as if linked.
+    standing = world.sql.run(care_store.standing_txn, "pat", "oncall", world.now_ms())
+    assert standing is not None
+    assert standing.state.relationship is Relationship.ACTIVE
     # Not addressing the on-call clinician is refused with a code the client acts on.
     _send(patient, b"\x05" * 16, [("doc", "d1")], urgent=True)
     world.relay.settle()
@@ -232,6 +244,10 @@ def test_urgent_reaches_the_on_call_clinician_at_once(world: World) -> None:
     notice.verify(world.trust, recipient="pat")
     assert notice.kind is NoticeKind.URGENT_ROUTED
     assert notice.on_call == "oncall"
+    # Only the clinician on call is in reach so: others of the department are not.
+    later = world.sql.run(care_store.standing_txn, "pat", "nurse", world.now_ms())
+    assert later is not None
+    assert later.state.relationship is Relationship.NONE
     (got,) = _items(on_call.take())
     assert got.message_id == b"\x05" * 16
     assert set(got.flags or ()) == {"urgent"}
@@ -261,7 +277,7 @@ def test_urgent_with_nobody_on_call_tells_the_patient_to_call(world: World) -> N
 def test_deliver_silently_flags_instead_of_holding(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    sql = sqlite_world(request.getfixturevalue("sqlite_relay_template"), tmp_path)
+    sql = _sql(request, tmp_path, "sqlite")
     try:
         world = World(sql, OffHoursPolicy.DELIVER_SILENTLY)
         doctor = world.relay.online(world.relay.device("doc", "d1"))

@@ -37,18 +37,18 @@ from dataclasses import dataclass, field
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from medrelay.protocol.hours import HoursSyntaxError, format_hours, parse_hours
+from medrelay.protocol.messages import HoursInterval
+
 MINUTES_PER_DAY: Final = 1440
-MAX_SPEC_LENGTH: Final = 1000
 MAX_INTERVALS: Final = 100
 MAX_HORIZON_DAYS: Final = 36_600
 ABSENCE_REASONS: Final = frozenset({"vacation", "sick", "other"})
-DAY_NAMES: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 _MAX_ZONE_NAME: Final = 64
 # IANA names: letters, digits, "_", "+", "-" in "/"-separated parts. Nothing else reaches the
 # file system (no "..", no absolute paths, no NUL).
 _ZONE_NAME: Final = re.compile(r"[A-Za-z0-9_+\-]+(?:/[A-Za-z0-9_+\-]+)*")
-_TIME: Final = re.compile(r"([0-9]{1,2}):([0-9]{2})")
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _ONE_MS: Final = datetime.timedelta(milliseconds=1)
 _ONE_DAY: Final = datetime.timedelta(days=1)
@@ -339,109 +339,18 @@ def next_opening(schedule: Schedule, at_ms: int, *, horizon_days: int = 400) -> 
     return at_ms if availability.open_now else availability.changes_at_ms
 
 
-# --- the CLI syntax ------------------------------------------------------------------------
-
-
-def _quote(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:37] + "...")
-
-
-def _parse_days(text: str, where: str) -> list[int]:
-    days: list[int] = []
-    for item in "".join(text.split()).lower().split(","):
-        if not item:
-            raise ScheduleError(f"{where}: empty day name in {_quote(text)} (stray ','?)")
-        ends = item.split("-")
-        if len(ends) > 2:
-            raise ScheduleError(f"{where}: bad day range {_quote(item)} (expected e.g. mon-fri)")
-        numbers: list[int] = []
-        for name in ends:
-            if name not in DAY_NAMES:
-                raise ScheduleError(
-                    f"{where}: unknown day {_quote(name)} (expected {', '.join(DAY_NAMES)})"
-                )
-            numbers.append(DAY_NAMES.index(name))
-        first, last = numbers[0], numbers[-1]
-        # a range wraps around the week end: fri-mon is fri, sat, sun, mon
-        days.extend((first + k) % 7 for k in range((last - first) % 7 + 1))
-    return days
-
-
-def _parse_time(text: str, where: str) -> int:
-    match = _TIME.fullmatch(text)
-    if match is None:
-        raise ScheduleError(f"{where}: bad time {_quote(text)} (expected HH:MM, e.g. 09:30)")
-    hour, minute = int(match[1]), int(match[2])
-    if minute > 59 or hour > 24 or (hour == 24 and minute != 0):
-        raise ScheduleError(f"{where}: bad time {_quote(text)} (00:00 to 23:59, or 24:00)")
-    return hour * 60 + minute
-
-
-def _parse_range(text: str, where: str) -> tuple[int, int]:
-    item = "".join(text.split())
-    if not item:
-        raise ScheduleError(f"{where}: empty time range (stray ','?)")
-    ends = item.split("-")
-    if len(ends) != 2:
-        raise ScheduleError(f"{where}: bad time range {_quote(item)} (expected e.g. 09:00-17:00)")
-    start, end = _parse_time(ends[0], where), _parse_time(ends[1], where)
-    if start == MINUTES_PER_DAY:
-        raise ScheduleError(f"{where}: a time range cannot start at 24:00 ({_quote(item)})")
-    if start == end:
-        raise ScheduleError(f"{where}: empty time range {_quote(item)}")
-    return start, end
+# --- the CLI syntax (medrelay.protocol.hours, shared with the clients) -------------------------
 
 
 def parse_interval_spec(text: str) -> tuple[Interval, ...]:
-    """Parse e.g. "mon-fri 09:00-13:00,14:00-18:00; sat 10:00-12:00": groups separated by ";",
-    each days (mon..sun, ranges like mon-fri or fri-mon, lists like mon,wed) then time ranges
-    HH:MM-HH:MM (or H:MM) separated by ","; day names are case-insensitive, spaces ignored.
-    An end of 24:00 is midnight; an end before the start (22:00-06:00) is overnight, into the
-    next weekday. Returns the intervals sorted, without repeats (overlaps are kept)."""
-    if len(text) > MAX_SPEC_LENGTH:
-        raise ScheduleError(
-            f"hours are too long ({len(text)} characters; at most {MAX_SPEC_LENGTH})"
-        )
-    if not text.strip():
-        raise ScheduleError("no hours given (e.g. mon-fri 09:00-17:00)")
-    intervals: set[Interval] = set()
-    count = 0
-    for number, group in enumerate(text.split(";"), start=1):
-        where = f"group {number} ({_quote(group.strip())})"
-        if not group.strip():
-            raise ScheduleError(f"group {number} is empty (stray ';'?)")
-        digit = next((i for i, c in enumerate(group) if c in "0123456789"), None)
-        if digit is None:
-            raise ScheduleError(f"{where}: no times (expected e.g. mon-fri 09:00-17:00)")
-        if not group[:digit].strip():
-            raise ScheduleError(f"{where}: no days before the times (expected e.g. mon-fri)")
-        days = _parse_days(group[:digit], where)
-        ranges = [_parse_range(item, where) for item in group[digit:].split(",")]
-        for weekday in days:
-            for start, end in ranges:
-                pieces = [(weekday, start, end)]
-                if end < start:  # overnight: to midnight, then on into the next weekday
-                    pieces = [(weekday, start, MINUTES_PER_DAY)]
-                    if end > 0:
-                        pieces.append(((weekday + 1) % 7, 0, end))
-                count += len(pieces)
-                if count > MAX_INTERVALS:
-                    raise ScheduleError(f"too many intervals (at most {MAX_INTERVALS})")
-                intervals.update(Interval(*piece) for piece in pieces)
-    return tuple(sorted(intervals, key=lambda i: (i.weekday, i.start_minute, i.end_minute)))
+    """`medrelay.protocol.hours.parse_hours` as schedule intervals; errors as `ScheduleError`."""
+    try:
+        parsed = parse_hours(text)
+    except HoursSyntaxError as exc:
+        raise ScheduleError(str(exc)) from None
+    return tuple(Interval(h.day, h.start, h.end) for h in parsed)
 
 
 def format_intervals(intervals: tuple[Interval, ...]) -> str:
-    """Human-readable and parseable: "Mon 09:00-13:00, 14:00-18:00; Sat 10:00-12:00" (sorted,
-    repeats dropped, not merged); "no hours" for none."""
-    by_day: dict[int, set[tuple[int, int]]] = {}
-    for interval in intervals:
-        by_day.setdefault(interval.weekday, set()).add((interval.start_minute, interval.end_minute))
-    if not by_day:
-        return "no hours"
-    return "; ".join(
-        DAY_NAMES[day].capitalize()
-        + " "
-        + ", ".join(f"{_hhmm(start)}-{_hhmm(end)}" for start, end in sorted(by_day[day]))
-        for day in sorted(by_day)
-    )
+    """Human-readable and parseable, as `medrelay.protocol.hours.format_hours`."""
+    return format_hours(HoursInterval(i.weekday, i.start_minute, i.end_minute) for i in intervals)

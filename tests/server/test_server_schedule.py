@@ -23,9 +23,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from medrelay.protocol.hours import MAX_SPEC_LENGTH
 from medrelay.server.availability.schedule import (
     MAX_INTERVALS,
-    MAX_SPEC_LENGTH,
     MINUTES_PER_DAY,
     Absence,
     Availability,
@@ -328,9 +328,13 @@ def test_format_intervals() -> None:
     assert format_intervals(()) == "no hours"
     assert (
         format_intervals(parse_interval_spec("mon-fri 09:00-13:00,14:00-18:00; sat 10:00-12:00"))
-        == "Mon 09:00-13:00, 14:00-18:00; Tue 09:00-13:00, 14:00-18:00; "
-        "Wed 09:00-13:00, 14:00-18:00; Thu 09:00-13:00, 14:00-18:00; "
-        "Fri 09:00-13:00, 14:00-18:00; Sat 10:00-12:00"
+        == "Mon-Fri 09:00-13:00, 14:00-18:00; Sat 10:00-12:00"
+    )
+    assert format_intervals(parse_interval_spec("mon,wed 09:00-10:00; tue,thu 09:00-10:00")) == (
+        "Mon-Thu 09:00-10:00"
+    )
+    assert format_intervals(parse_interval_spec("mon,wed,fri 09:00-10:00")) == (
+        "Mon 09:00-10:00; Wed 09:00-10:00; Fri 09:00-10:00"
     )
     assert format_intervals((Interval(6, 1320, 1440), Interval(0, 0, 5))) == (
         "Mon 00:00-00:05; Sun 22:00-24:00"

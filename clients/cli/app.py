@@ -13,6 +13,7 @@ from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
+from medrelay.clients.engine.availability import AvailabilityView, ScheduleChange, ShiftView
 from medrelay.clients.engine.client import open_engine
 from medrelay.clients.engine.enrollment import enroll
 from medrelay.clients.engine.http import AgentHttpClient
@@ -52,10 +53,17 @@ class EngineApi(Protocol):
     def sync(self, settle_s: float = ...) -> Deferred[None]: ...
 
     def send_message(
-        self, to_user: str, text: str, files: Sequence[OutgoingFile] = ()
+        self,
+        to_user: str,
+        text: str,
+        files: Sequence[OutgoingFile] = (),
+        *,
+        urgent: bool = False,
     ) -> Deferred[SentMessage]: ...
 
     def unread(self, *, mark_read: bool = True) -> Deferred[list[MessageView | NoticeView]]: ...
+
+    def clinic_notices(self, message_id: bytes) -> Deferred[list[NoticeView]]: ...
 
     def devices(self) -> Deferred[list[DeviceView]]: ...
 
@@ -84,6 +92,20 @@ class EngineApi(Protocol):
     def link_device(self, ui: LinkUi) -> Deferred[LinkResult]: ...
 
     def attachments(self, message_id: bytes) -> Deferred[list[SavedAttachment]]: ...
+
+    def availability(self, user_id: str) -> Deferred[AvailabilityView]: ...
+
+    def set_schedule(self, user_id: str, change: ScheduleChange) -> Deferred[AvailabilityView]: ...
+
+    def roster_add(
+        self, clinician: str, department: str, starts_ms: int, ends_ms: int
+    ) -> Deferred[list[ShiftView]]: ...
+
+    def roster_remove(self, shift_id: int) -> Deferred[list[ShiftView]]: ...
+
+    def roster(self, after_ms: int | None = None) -> Deferred[list[ShiftView]]: ...
+
+    def now_ms(self) -> int: ...
 
     def close(self) -> Deferred[None]: ...
 

@@ -11,6 +11,7 @@ Errors are one line on stderr (`medrelay: ...`, or a JSON object `{"error": {"co
 
 from __future__ import annotations
 
+import datetime
 import mimetypes
 import os
 import sys
@@ -26,6 +27,12 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 
 from medrelay.clients.cli import output
 from medrelay.clients.cli.app import App, EngineApi, Interrupted, RealApp
+from medrelay.clients.engine.availability import (
+    AbsenceView,
+    AvailabilityView,
+    ScheduleChange,
+    ShiftView,
+)
 from medrelay.clients.engine.errors import ClientError, LocalCode
 from medrelay.clients.engine.linking import LinkCheck, LinkCode
 from medrelay.clients.engine.store import ProfileInfo
@@ -38,9 +45,12 @@ from medrelay.clients.engine.views import (
     NoticeView,
     OutgoingFile,
     SavedAttachment,
+    SentMessage,
     Whoami,
 )
 from medrelay.crypto.linking import normalize_sas, same_sas
+from medrelay.protocol.hours import HoursSyntaxError, parse_hours, parse_time
+from medrelay.protocol.messages import HoursInterval
 
 PASSPHRASE_ENV: Final = "MEDRELAY_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 PROFILE_ENV: Final = "MEDRELAY_PROFILE"
@@ -221,6 +231,11 @@ def _read_files(options: Options, paths: Sequence[Path]) -> list[OutgoingFile]:
 @click.argument("username")
 @click.argument("text")
 @click.option(
+    "--urgent",
+    is_flag=True,
+    help="It cannot wait: if USERNAME is away, the clinician on call receives it now too.",
+)
+@click.option(
     "--file",
     "file_paths",
     multiple=True,
@@ -234,6 +249,7 @@ def send(
     *,
     username: str,
     text: str,
+    urgent: bool,
     file_paths: tuple[Path, ...],
     profile: Path | None,
     json_mode: bool,
@@ -242,7 +258,9 @@ def send(
 
     The message goes to every device of USERNAME and to your other devices. It is stored
     locally before it is sent, and resent on the next connection if the relay's confirmation
-    does not arrive.
+    does not arrive. Outside a clinician's hours it may wait for them: the answer says when
+    they will read it. With --urgent, the clinician on call gets it at once, or, if nobody is
+    on call, you are told to call the emergency numbers.
     """
     options = _options(ctx, profile, json_mode)
     if text == "-":
@@ -250,12 +268,22 @@ def send(
     files = _read_files(options, file_paths)
     app = options.app
 
-    def use(engine: EngineApi) -> Deferred[Any]:
-        d = app_timeout(app, engine.send_message(username, text, files), SEND_TIMEOUT_S)
-        return d
+    async def use(engine: EngineApi) -> tuple[SentMessage, list[NoticeView]]:
+        sending = engine.send_message(username, text, files, urgent=urgent)
+        sent = await app_timeout(app, sending, SEND_TIMEOUT_S)
+        notices: list[NoticeView] = []
+        if urgent or sent.held or sent.reads_at_ms is not None:
+            # The clinic answers at once (an automatic reply, where an urgent message went):
+            # show its signed notice now rather than at the next `inbox`.
+            await engine.sync()
+            notices = await engine.clinic_notices(sent.message_id)
+        return sent, notices
 
-    sent = options.with_engine(use)
-    options.emit(output.sent_json(sent), output.sent_line(sent))
+    sent, notices = options.with_engine(lambda engine: Deferred.fromCoroutine(use(engine)))
+    options.emit(
+        {**output.sent_json(sent), "notices": [output.notice_json(n) for n in notices]},
+        "\n".join([output.sent_line(sent), *(output.notice_line(n) for n in notices)]),
+    )
 
 
 def app_timeout(app: App, d: Deferred[_T], seconds: float) -> Deferred[_T]:
@@ -715,6 +743,337 @@ def whoami(ctx: click.Context, profile: Path | None, json_mode: bool) -> None:
         enrolled_at_ms=info.enrolled_at_ms,
     )
     options.emit(output.whoami_json(who), output.whoami_lines(who))
+
+
+# --- hours, absences, automatic replies and the on-call roster --------------------------------
+
+_USER_HELP: Final = "Whose schedule (default: yours; admins may change any clinician's)."
+
+
+def _moment(options: Options, text: str, what: str, now_ms: int) -> int:
+    """A moment typed by a person: "now", or YYYY-MM-DD HH:MM in this computer's time zone (or
+    with an explicit offset, 2026-11-24T09:00+03:00)."""
+    if text.strip().lower() == "now":
+        return now_ms
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        options.fail(
+            LocalCode.INVALID_ARGUMENT,
+            f"{what}: {text!r} is not a time (expected YYYY-MM-DD HH:MM or now)",
+            exit_code=2,
+        )
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # this computer's zone, as `date` reads it
+    return int(moment.timestamp() * 1000)
+
+
+def next_clock_time(minute: int, zone: str, now_ms: int) -> int:
+    """The next moment after now at which the clock in `zone` reads `minute` minutes after
+    midnight (today's or tomorrow's). A time that occurs twice is its first occurrence; one
+    that does not exist (spring forward) is read with the offset before the jump."""
+    tz = output.zone_or_utc(zone)
+    today = datetime.datetime.fromtimestamp(now_ms / 1000, tz=tz).date()
+    for day in (today, today + datetime.timedelta(days=1), today + datetime.timedelta(days=2)):
+        wall = datetime.datetime.combine(day, datetime.time()) + datetime.timedelta(minutes=minute)
+        at_ms = int(wall.replace(tzinfo=tz).timestamp() * 1000)
+        if at_ms > now_ms:
+            return at_ms
+    raise AssertionError("a clock time recurs within two days")
+
+
+def _date(options: Options, text: str, what: str) -> str:
+    try:
+        return datetime.date.fromisoformat(text.strip()).isoformat()
+    except ValueError:
+        options.fail(
+            LocalCode.INVALID_ARGUMENT, f"{what}: {text!r} is not a date (YYYY-MM-DD)", exit_code=2
+        )
+
+
+def _show_availability(options: Options, view: AvailabilityView) -> None:
+    options.emit(output.availability_json(view), output.availability_lines(view))
+
+
+def _change_schedule(
+    options: Options,
+    user: str | None,
+    change: Callable[[EngineApi, str], Deferred[ScheduleChange]] | ScheduleChange,
+) -> None:
+    """Apply `change` (or what it computes from the engine) to `user`'s schedule (default:
+    the profile's own), then show the schedule as the relay now has it."""
+
+    async def use(engine: EngineApi) -> AvailabilityView:
+        target = user or engine.whoami().user_id
+        wanted = change if isinstance(change, ScheduleChange) else await change(engine, target)
+        return await engine.set_schedule(target, wanted)
+
+    _show_availability(options, options.with_engine(lambda e: Deferred.fromCoroutine(use(e))))
+
+
+@cli.group()
+def hours() -> None:
+    """Clinicians' hours: see whether someone is available, set your own.
+
+    Outside their hours a clinician does not get patients' messages (they wait, or arrive
+    without a notification, as the clinic decided), and patients get an automatic reply saying
+    when they will be read and what to do if it cannot wait.
+    """
+
+
+@hours.command("show")
+@click.argument("username", required=False)
+@common
+@click.pass_context
+def hours_show(
+    ctx: click.Context, username: str | None, profile: Path | None, json_mode: bool
+) -> None:
+    """Show USERNAME's hours (default: yours), whether they are available now and until when,
+    their absences, and who is on call while they are away. Times are in your time zone."""
+    options = _options(ctx, profile, json_mode)
+
+    def use(engine: EngineApi) -> Deferred[AvailabilityView]:
+        return engine.availability(username or engine.whoami().user_id)
+
+    _show_availability(options, options.with_engine(use))
+
+
+@hours.command("set")
+@click.argument("spec")
+@click.option(
+    "--tz",
+    "time_zone",
+    default=None,
+    help="The hours' time zone (IANA, e.g. Europe/Moscow; default: yours or the clinic's).",
+)
+@click.option("--user", default=None, help=_USER_HELP)
+@common
+@click.pass_context
+def hours_set(
+    ctx: click.Context,
+    *,
+    spec: str,
+    time_zone: str | None,
+    user: str | None,
+    profile: Path | None,
+    json_mode: bool,
+) -> None:
+    """Set weekly hours, replacing the old ones.
+
+    SPEC is days then times, groups separated by ";", for example
+    "mon-fri 09:00-13:00,14:00-18:00; sat 10:00-12:00". An end before the start runs overnight
+    (22:00-06:00). "none" means no hours at all: patients' messages always wait.
+    """
+    options = _options(ctx, profile, json_mode)
+    intervals: tuple[HoursInterval, ...] = ()
+    if spec.strip().lower() != "none":
+        try:
+            intervals = parse_hours(spec)
+        except HoursSyntaxError as exc:
+            options.fail(LocalCode.INVALID_ARGUMENT, str(exc), exit_code=2)
+    _change_schedule(options, user, ScheduleChange(time_zone=time_zone, hours=intervals))
+
+
+@hours.command("available-until")
+@click.argument("until")
+@click.option("--user", default=None, help=_USER_HELP)
+@common
+@click.pass_context
+def hours_available_until(
+    ctx: click.Context, *, until: str, user: str | None, profile: Path | None, json_mode: bool
+) -> None:
+    """Declare yourself available now until UNTIL (HH:MM in your hours' time zone, within the
+    next 24 hours), whatever your hours say; "off" ends it now. Messages waiting for you arrive
+    at once."""
+    options = _options(ctx, profile, json_mode)
+    minute: int | None = None
+    if until.strip().lower() != "off":
+        try:
+            minute = parse_time(until, "until")
+        except HoursSyntaxError as exc:
+            options.fail(LocalCode.INVALID_ARGUMENT, str(exc), exit_code=2)
+
+    async def change(engine: EngineApi, target: str) -> ScheduleChange:
+        if minute is None:
+            return ScheduleChange(available_until_ms=0)
+        zone = (await engine.availability(target)).time_zone
+        return ScheduleChange(available_until_ms=next_clock_time(minute, zone, engine.now_ms()))
+
+    _change_schedule(options, user, lambda e, t: Deferred.fromCoroutine(change(e, t)))
+
+
+@cli.command()
+@click.argument("first")
+@click.argument("last", required=False)
+@click.option(
+    "--reason",
+    type=click.Choice(["vacation", "sick", "other"]),
+    default="vacation",
+    show_default=True,
+    help="Why (patients are only told that you are away).",
+)
+@click.option("--cancel", is_flag=True, help="Remove the absence that starts on FIRST instead.")
+@click.option("--user", default=None, help=_USER_HELP)
+@common
+@click.pass_context
+def away(
+    ctx: click.Context,
+    *,
+    first: str,
+    last: str | None,
+    reason: str,
+    cancel: bool,
+    user: str | None,
+    profile: Path | None,
+    json_mode: bool,
+) -> None:
+    """Be away from FIRST to LAST (whole days, YYYY-MM-DD, both included; LAST defaults to
+    FIRST): vacation, sick leave. Patients' messages wait for your return, and the on-call
+    clinician of your department answers urgent ones."""
+    options = _options(ctx, profile, json_mode)
+    first_day = _date(options, first, "FIRST")
+    last_day = _date(options, last, "LAST") if last is not None else first_day
+    if last_day < first_day:
+        options.fail(
+            LocalCode.INVALID_ARGUMENT, f"LAST ({last_day}) is before FIRST ({first_day})", 2
+        )
+
+    async def change(engine: EngineApi, target: str) -> ScheduleChange:
+        current = (await engine.availability(target)).absences
+        if cancel:
+            kept = tuple(a for a in current if a.first != first_day)
+            if len(kept) == len(current):
+                raise ClientError(
+                    LocalCode.NOT_FOUND, f"no absence of {target} starts on {first_day}"
+                )
+        else:
+            kept = (*current, AbsenceView(first_day, last_day, reason))
+        return ScheduleChange(absences=kept)
+
+    _change_schedule(options, user, lambda e, t: Deferred.fromCoroutine(change(e, t)))
+
+
+@cli.group()
+def autoreply() -> None:
+    """Your automatic reply: what patients who write outside your hours are told."""
+
+
+@autoreply.command("set")
+@click.argument("text")
+@click.option("--user", default=None, help=_USER_HELP)
+@common
+@click.pass_context
+def autoreply_set(
+    ctx: click.Context, *, text: str, user: str | None, profile: Path | None, json_mode: bool
+) -> None:
+    """Set your automatic reply to TEXT (- reads it from standard input).
+
+    It may use {clinician}, {reads_at} (when you will read the message, in the patient's time
+    zone), {emergency} (the clinic's emergency numbers) and {on_call}. Never put health data in
+    it: the clinic signs it and sends it without encryption to any patient who writes.
+    """
+    options = _options(ctx, profile, json_mode)
+    if text == "-":
+        text = sys.stdin.read()
+    if not text.strip():
+        options.fail(
+            LocalCode.INVALID_ARGUMENT, "empty text (use `medrelay autoreply clear`)", exit_code=2
+        )
+    _change_schedule(options, user, ScheduleChange(autoreply=text))
+
+
+@autoreply.command("clear")
+@click.option("--user", default=None, help=_USER_HELP)
+@common
+@click.pass_context
+def autoreply_clear(
+    ctx: click.Context, *, user: str | None, profile: Path | None, json_mode: bool
+) -> None:
+    """Go back to the clinic's default automatic reply."""
+    options = _options(ctx, profile, json_mode)
+    _change_schedule(options, user, ScheduleChange(autoreply=""))
+
+
+@cli.command()
+@click.argument("zone")
+@click.option("--user", default=None, help=_USER_HELP)
+@common
+@click.pass_context
+def timezone(
+    ctx: click.Context, *, zone: str, user: str | None, profile: Path | None, json_mode: bool
+) -> None:
+    """Set your time zone (IANA, e.g. Asia/Novosibirsk): clinicians' hours are in it, and
+    automatic replies tell patients times in theirs."""
+    options = _options(ctx, profile, json_mode)
+    _change_schedule(options, user, ScheduleChange(time_zone=zone))
+
+
+@cli.group()
+def oncall() -> None:
+    """The on-call roster: who answers patients' urgent messages for a department while its
+    clinicians are away (registrars and admins edit it; staff can read it)."""
+
+
+def _show_shifts(options: Options, shifts: list[ShiftView]) -> None:
+    options.emit(output.shifts_json(shifts), output.shifts_lines(shifts, None))
+
+
+@oncall.command("add")
+@click.argument("clinician")
+@click.option("--department", required=True, help="The department they answer for.")
+@click.option(
+    "--from",
+    "starts",
+    required=True,
+    help="Start: YYYY-MM-DD HH:MM (this computer's time zone) or now.",
+)
+@click.option(
+    "--to", "ends", required=True, help="End: YYYY-MM-DD HH:MM (at most 14 days after the start)."
+)
+@common
+@click.pass_context
+def oncall_add(
+    ctx: click.Context,
+    *,
+    clinician: str,
+    department: str,
+    starts: str,
+    ends: str,
+    profile: Path | None,
+    json_mode: bool,
+) -> None:
+    """Put CLINICIAN on call for a department from --from to --to."""
+    options = _options(ctx, profile, json_mode)
+
+    def use(engine: EngineApi) -> Deferred[list[ShiftView]]:
+        now = engine.now_ms()
+        return engine.roster_add(
+            clinician,
+            department,
+            _moment(options, starts, "--from", now),
+            _moment(options, ends, "--to", now),
+        )
+
+    _show_shifts(options, options.with_engine(use))
+
+
+@oncall.command("remove")
+@click.argument("shift_id", type=click.IntRange(min=0))
+@common
+@click.pass_context
+def oncall_remove(ctx: click.Context, shift_id: int, profile: Path | None, json_mode: bool) -> None:
+    """Remove shift SHIFT_ID (the number `medrelay oncall list` shows)."""
+    options = _options(ctx, profile, json_mode)
+    _show_shifts(options, options.with_engine(lambda engine: engine.roster_remove(shift_id)))
+
+
+@oncall.command("list")
+@common
+@click.pass_context
+def oncall_list(ctx: click.Context, profile: Path | None, json_mode: bool) -> None:
+    """The shifts that have not ended yet, in this computer's time zone."""
+    options = _options(ctx, profile, json_mode)
+    _show_shifts(options, options.with_engine(lambda engine: engine.roster()))
 
 
 def main() -> None:

@@ -11,12 +11,17 @@ import datetime
 import json
 import re
 from typing import Any, Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from medrelay.clients.engine.availability import AvailabilityView, ShiftView
 from medrelay.clients.engine.linking import LinkCheck, LinkCode, LinkResult
 from medrelay.clients.engine.staff import CareLinkView, NewAccountView, PersonView
 from medrelay.clients.engine.store import ProfileInfo
 from medrelay.clients.engine.views import (
+    CLINIC_NOTICE_KINDS,
     KIND_SECURITY,
+    KIND_URGENT_ROUTED,
+    KIND_URGENT_UNROUTED,
     DeviceView,
     MessageView,
     NoticeView,
@@ -25,6 +30,7 @@ from medrelay.clients.engine.views import (
     Whoami,
 )
 from medrelay.crypto.safety import format_safety_number, safety_number_groups
+from medrelay.protocol.hours import format_hours
 
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
@@ -35,6 +41,23 @@ def iso_time(ms: int | None) -> str | None:
         return None
     moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def zone_or_utc(name: str) -> datetime.tzinfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return datetime.UTC
+
+
+def local_time(ms: int, zone: str | None = None) -> str:
+    """A moment for people, in the zone they live in: "Tue 24 Nov 2026 09:00 (Europe/Moscow)";
+    without a zone, in this computer's."""
+    if zone is None:
+        moment = datetime.datetime.fromtimestamp(ms / 1000).astimezone()
+        return f"{moment:%a %d %b %Y %H:%M} ({moment.tzname()})"
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=zone_or_utc(zone))
+    return f"{moment:%a %d %b %Y %H:%M} ({zone})"
 
 
 def safe(text: str) -> str:
@@ -74,6 +97,7 @@ def message_json(view: MessageView) -> dict[str, Any]:
             {"index": a.index, "name": a.file_name, "media_type": a.media_type, "size": a.size}
             for a in view.attachments
         ],
+        "flags": list(view.flags),
     }
 
 
@@ -94,6 +118,22 @@ def notice_json(view: NoticeView) -> dict[str, Any]:
         "text": None,
         "attachments": [],
         "reason": view.reason,
+        **({} if view.clinic is None else _clinic_json(view)),
+    }
+
+
+def _clinic_json(view: NoticeView) -> dict[str, Any]:
+    clinic = view.clinic
+    assert clinic is not None  # noqa: S101 (checked by the caller)
+    return {
+        "clinic_notice": True,
+        "about": view.message_id.hex(),
+        "clinician": clinic.clinician,
+        "on_call": clinic.on_call,
+        "reads_at": iso_time(clinic.reads_at_ms),
+        "time_zone": clinic.time_zone,
+        "emergency": list(clinic.emergency_numbers),
+        "text": clinic.text,
     }
 
 
@@ -101,10 +141,18 @@ def item_json(view: MessageView | NoticeView) -> dict[str, Any]:
     return message_json(view) if isinstance(view, MessageView) else notice_json(view)
 
 
+_FLAG_LABELS: Final = {
+    "urgent": "URGENT",
+    "after_hours": "after hours",
+    "held": "held until your hours",
+}
+
+
 def message_line(view: MessageView) -> str:
     when = iso_time(view.server_ms if view.server_ms is not None else view.sent_at_ms)
     who = f"you -> {view.peer_user}" if view.outgoing else view.sender_user
-    lines = [f"[{when}] {who}: {safe(view.text)}"]
+    marks = "".join(f" [{_FLAG_LABELS.get(f, f)}]" for f in view.flags)
+    lines = [f"[{when}]{marks} {who}: {safe(view.text)}"]
     for a in view.attachments:
         lines.append(f"    attachment {a.index}: {safe(a.file_name)} ({_size(a.size)})")
     if view.attachments:
@@ -114,6 +162,8 @@ def message_line(view: MessageView) -> str:
 
 def notice_line(view: NoticeView) -> str:
     when = iso_time(view.server_ms)
+    if view.kind in CLINIC_NOTICE_KINDS and view.clinic is not None:
+        return _clinic_line(when, view)
     if view.kind == KIND_SECURITY:
         return f"[{when}] !!! {safe(view.reason)}"
     if view.kind == "expired":
@@ -125,6 +175,28 @@ def notice_line(view: NoticeView) -> str:
         f"[{when}] ! a message from {view.user_id}/{view.device_id} could not be read and "
         f"was discarded: {view.reason}"
     )
+
+
+def _clinic_line(when: str | None, view: NoticeView) -> str:
+    clinic = view.clinic
+    assert clinic is not None  # noqa: S101 (checked by the caller)
+    if view.kind == KIND_URGENT_ROUTED:
+        about = (
+            f"your urgent message to {clinic.clinician} reached {clinic.on_call}, "
+            "the clinician on call"
+        )
+    elif view.kind == KIND_URGENT_UNROUTED:
+        about = f"your urgent message to {clinic.clinician}: NOBODY IS ON CALL"
+    else:
+        about = f"about your message to {clinic.clinician}"
+    lines = [f"[{when}] automatic clinic notice (signed by the clinic), {about}:"]
+    lines.extend(f"    {safe(line)}" for line in clinic.text.splitlines() or [""])
+    if clinic.reads_at_ms is not None:
+        reads_at = local_time(clinic.reads_at_ms, clinic.time_zone)
+        lines.append(f"    {clinic.clinician} reads it from {reads_at}")
+    if clinic.emergency_numbers:
+        lines.append(f"    emergency: {', '.join(clinic.emergency_numbers)}")
+    return "\n".join(lines)
 
 
 def item_line(view: MessageView | NoticeView) -> str:
@@ -140,15 +212,24 @@ def sent_json(sent: SentMessage) -> dict[str, Any]:
         "to": sent.recipient,
         "server_time": iso_time(sent.server_ms),
         "devices": sent.devices,
+        "held": sent.held,
+        "reads_at": iso_time(sent.reads_at_ms),
+        "on_call": sent.on_call,
     }
 
 
 def sent_line(sent: SentMessage) -> str:
     devices = "device" if sent.devices == 1 else "devices"
-    return (
+    lines = [
         f"sent to {sent.recipient} ({sent.devices} {devices}) at {iso_time(sent.server_ms)}, "
         f"id {sent.message_id.hex()}"
-    )
+    ]
+    if sent.on_call is not None:
+        lines.append(f"urgent: {sent.on_call}, the clinician on call, received it now")
+    if sent.held or sent.reads_at_ms is not None:
+        when = "later" if sent.reads_at_ms is None else f"from {local_time(sent.reads_at_ms)}"
+        lines.append(f"{sent.recipient} is outside their hours and will read it {when}")
+    return "\n".join(lines)
 
 
 def devices_json(devices: list[DeviceView]) -> list[dict[str, Any]]:
@@ -345,4 +426,87 @@ def care_link_lines(link: CareLinkView) -> str:
     return (
         f"linked {link.patient} with {link.clinician} (visit {link.visit_date}); "
         f"they may write to each other through {last_day.date().isoformat()} (UTC)"
+    )
+
+
+# --- hours and the on-call roster -------------------------------------------------------------
+
+
+def availability_json(view: AvailabilityView) -> dict[str, Any]:
+    return {
+        "user": view.user_id,
+        "time_zone": view.time_zone,
+        "hours": [{"day": h.day, "start": h.start, "end": h.end} for h in view.hours],
+        "hours_text": format_hours(view.hours),
+        "scheduled": view.scheduled,
+        "available_now": view.open_now,
+        "changes_at": iso_time(view.changes_at_ms),
+        "available_until": iso_time(view.available_until_ms),
+        "absences": [{"from": a.first, "to": a.last, "reason": a.reason} for a in view.absences],
+        "department": view.department,
+        "on_call": view.on_call,
+        "policy": view.policy,
+        "emergency": list(view.emergency_numbers),
+        "autoreply": view.autoreply,
+    }
+
+
+def availability_lines(view: AvailabilityView) -> str:
+    zone = view.viewer_time_zone
+    if not view.scheduled:
+        state = "available (no hours set: messages always reach them)"
+    elif view.open_now:
+        state = "available now"
+        if view.changes_at_ms is not None:
+            state += f", until {local_time(view.changes_at_ms, zone)}"
+    else:
+        state = "away now"
+        if view.changes_at_ms is not None:
+            state += f"; back {local_time(view.changes_at_ms, zone)}"
+    lines = [f"{view.user_id}: {state}"]
+    if view.scheduled:
+        lines.append(f"hours ({view.time_zone}): {format_hours(view.hours)}")
+    if view.available_until_ms is not None:
+        lines.append(f"declared available until {local_time(view.available_until_ms, zone)}")
+    for a in view.absences:
+        span = a.first if a.first == a.last else f"{a.first} to {a.last}"
+        lines.append(f"away {span} ({a.reason})")
+    if view.department:
+        lines.append(f"department: {safe(view.department)}")
+    if not view.open_now:
+        lines.append(
+            f"on call now: {view.on_call}"
+            if view.on_call
+            else "nobody is on call now for this department"
+        )
+    if view.autoreply is not None:
+        lines.append("automatic reply: " + safe(view.autoreply).replace("\n", "\n    "))
+    lines.append(
+        "outside hours, patients' messages "
+        + ("wait for the hours" if view.policy == "hold" else "arrive silently")
+        + f"; emergency numbers: {', '.join(view.emergency_numbers) or 'none set'}"
+    )
+    return "\n".join(lines)
+
+
+def shifts_json(shifts: list[ShiftView]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": s.shift_id,
+            "clinician": s.clinician,
+            "department": s.department,
+            "from": iso_time(s.starts_ms),
+            "to": iso_time(s.ends_ms),
+        }
+        for s in shifts
+    ]
+
+
+def shifts_lines(shifts: list[ShiftView], zone: str | None = None) -> str:
+    if not shifts:
+        return "no on-call shifts"
+    return "\n".join(
+        f"#{s.shift_id} {s.clinician} on call for {safe(s.department)}: "
+        f"{local_time(s.starts_ms, zone)} to {local_time(s.ends_ms, zone)}"
+        for s in shifts
     )

@@ -21,7 +21,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from medrelay.clients.engine import staff
+from medrelay.clients.engine import availability, staff
+from medrelay.clients.engine.availability import AvailabilityView, ScheduleChange, ShiftView
 from medrelay.clients.engine.connection import (
     Connector,
     Credentials,
@@ -61,6 +62,7 @@ from medrelay.clients.engine.store import (
 )
 from medrelay.clients.engine.transparency import LogVerifier, load_own_devices_txn
 from medrelay.clients.engine.views import (
+    CLINIC_NOTICE_KINDS,
     ConnectionStatus,
     DeviceView,
     Event,
@@ -127,7 +129,9 @@ class Engine:
             rng=rng,
             tokens=self.load_token,
         )
-        self.receiver = Receiver(profile, self.directory, clock=clock, rng=rng, notify=self._notify)
+        self.receiver = Receiver(
+            profile, self.directory, self.log, clock=clock, rng=rng, notify=self._notify
+        )
         self.prekeys = PrekeyKeeper(profile, rng=rng)
 
     # -- facts -----------------------------------------------------------------------------
@@ -255,11 +259,17 @@ class Engine:
     # -- messages --------------------------------------------------------------------------
 
     def send_message(
-        self, to_user: str, text: str, files: Sequence[OutgoingFile] = ()
+        self,
+        to_user: str,
+        text: str,
+        files: Sequence[OutgoingFile] = (),
+        *,
+        urgent: bool = False,
     ) -> Deferred[SentMessage]:
         """Encrypt, persist and send; fires with the relay's confirmation. A refusal fails with
-        a `RemoteError` (`unknown_user`, `forbidden`, `queue_full`...)."""
-        return Deferred.fromCoroutine(self.messenger.send(to_user, text, files))
+        a `RemoteError` (`unknown_user`, `forbidden`, `queue_full`...). `urgent`: while the
+        clinician is away, the on-call clinician of their department receives it too."""
+        return Deferred.fromCoroutine(self.messenger.send(to_user, text, files, urgent=urgent))
 
     def unread(self, *, mark_read: bool = True) -> Deferred[list[MessageView | NoticeView]]:
         """Messages and notices not shown before (then marked as shown), oldest first."""
@@ -274,6 +284,21 @@ class Engine:
             mark_messages_read_txn(conn, [m.row_id for m in messages])
             mark_notices_read_txn(conn, [n.row_id for n in notices])
         return _merge(messages, notices)
+
+    def clinic_notices(self, message_id: bytes) -> Deferred[list[NoticeView]]:
+        """After `sync`: the clinic's notices about our message `message_id` not shown before
+        (an automatic reply, where an urgent message went), then marked as shown."""
+
+        def take(conn: sqlite3.Connection) -> list[NoticeView]:
+            found = [
+                n
+                for n in list_notices_txn(conn, unread_only=True)
+                if n.message_id == message_id and n.kind in CLINIC_NOTICE_KINDS
+            ]
+            mark_notices_read_txn(conn, [n.row_id for n in found])
+            return [notice_view(n) for n in found]
+
+        return self.profile.db.run_interaction("clinic_notices", take)
 
     def history(self, limit: int = 50) -> Deferred[list[MessageView]]:
         """The last `limit` messages, oldest first."""
@@ -395,6 +420,33 @@ class Engine:
 
     def end_care_link(self, patient: str, clinician: str) -> Deferred[CareLinkView]:
         return Deferred.fromCoroutine(staff.end_link(self.connector, patient, clinician))
+
+    # -- hours and the on-call roster -----------------------------------------------------
+
+    def availability(self, user_id: str) -> Deferred[AvailabilityView]:
+        """A clinician's hours, whether they are available now, and who is on call meanwhile."""
+        return Deferred.fromCoroutine(availability.get_availability(self.connector, user_id))
+
+    def set_schedule(self, user_id: str, change: ScheduleChange) -> Deferred[AvailabilityView]:
+        """Change a schedule (one's own; admins any clinician's); fires with the new state."""
+        return Deferred.fromCoroutine(availability.set_schedule(self.connector, user_id, change))
+
+    def roster_add(
+        self, clinician: str, department: str, starts_ms: int, ends_ms: int
+    ) -> Deferred[list[ShiftView]]:
+        return Deferred.fromCoroutine(
+            availability.roster_add(self.connector, clinician, department, starts_ms, ends_ms)
+        )
+
+    def roster_remove(self, shift_id: int) -> Deferred[list[ShiftView]]:
+        return Deferred.fromCoroutine(availability.roster_remove(self.connector, shift_id))
+
+    def roster(self, after_ms: int | None = None) -> Deferred[list[ShiftView]]:
+        """The on-call shifts that have not ended (by `after_ms`, or now)."""
+        return Deferred.fromCoroutine(availability.roster_list(self.connector, after_ms))
+
+    def now_ms(self) -> int:
+        return now_ms(self._clock)
 
     # -- shutdown --------------------------------------------------------------------------
 

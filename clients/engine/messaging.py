@@ -15,6 +15,13 @@ flushed on every new connection and resends identical envelopes until `sent` arr
 is idempotent on the message id). `stale_devices` refreshes the device lists, keeps the envelopes
 of devices still current, encrypts for the new ones and resends under the same id.
 
+Urgent. A message marked urgent asks the relay for the clinician's availability first: while
+they are away and someone is on call for their department, the content names both as its signed
+recipients and is encrypted for both users' devices, so the on-call clinician can read it at
+once (docs/protocol.md §17). When the relay refuses because the roster changed meanwhile
+(`on_call_changed`), the queued message is re-addressed: asked again, signed again for the new
+recipients under the same id and previous hash, and resent.
+
 Receiving. Items of a `deliver` are handled one at a time, in order: deduplicated by (sender
 user, sender device, message id); the sender's device resolved and verified (fetched when
 unknown); decrypted, decoded, its signature verified, its message id and recipients checked; the
@@ -22,6 +29,12 @@ message stored (sealed) — and only then acknowledged, in one `ack` per batch. 
 be decrypted or verified is recorded as a failure notice (never shown as a message) and
 acknowledged. A transient failure (the connection broke, a lookup timed out) stops the batch
 without acknowledging the rest and drops the connection, so the relay delivers them again.
+
+Clinic notices (`notice` items: automatic replies, urgent routing) are the clinic speaking, not a
+person: each is checked against the clinic's keys (the issuing key certified by the pinned root,
+valid when it was signed), must be addressed to this user, and must be about a message this
+profile sent to the clinician it names. Only then is it kept and shown, as an automatic clinic
+notice; one that fails is recorded as a failure and never shown as the clinic's word.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from medrelay.clients.engine.availability import get_availability
 from medrelay.clients.engine.connection import Connector, ServerConnection, expect
 from medrelay.clients.engine.enrollment import b64url, now_ms
 from medrelay.clients.engine.errors import ClientError, LocalCode, RemoteError
@@ -57,6 +71,7 @@ from medrelay.clients.engine.store import (
     StoredNotice,
     allocate_one_time_prekey_ids_txn,
     delete_outbox_txn,
+    find_messages_txn,
     get_conversation_txn,
     get_message_txn,
     get_thread_head_txn,
@@ -68,6 +83,7 @@ from medrelay.clients.engine.store import (
     load_prekeys_txn,
     note_outbox_attempt_txn,
     put_outbox_txn,
+    replace_signed_content_txn,
     save_peer_txn,
     save_prekeys_txn,
     set_conversation_txn,
@@ -76,7 +92,9 @@ from medrelay.clients.engine.store import (
 )
 from medrelay.clients.engine.transparency import LogVerifier, load_own_devices_txn
 from medrelay.clients.engine.views import (
+    CLINIC_NOTICE_KINDS,
     AttachmentView,
+    ClinicNoticeView,
     Event,
     MessageView,
     NoticeView,
@@ -98,19 +116,22 @@ from medrelay.crypto.certificates import (
 from medrelay.crypto.content import (
     KIND_TEXT,
     MAX_ATTACHMENTS,
+    MAX_RECIPIENTS,
     MAX_TEXT_BYTES,
     Content,
     LogView,
     SignedContent,
+    canonical_recipients,
     content_hash,
     new_message_id,
     new_thread_id,
     sign_content,
     verify_signed_content,
 )
-from medrelay.crypto.errors import CryptoError
+from medrelay.crypto.errors import CryptoError, ProofError
 from medrelay.crypto.identity import DeviceAddress, DeviceIdentity, check_id
 from medrelay.crypto.keys import DHPrivateKey
+from medrelay.crypto.notices import ClinicNotice
 from medrelay.crypto.rng import Rng
 from medrelay.crypto.sessions import (
     MAX_ONE_TIME_PREKEYS,
@@ -147,6 +168,7 @@ from medrelay.protocol.messages import (
 from medrelay.protocol.messages import BundleGet as BundleGetMessage
 
 MAX_STALE_RETRIES: Final = 3
+"""Resends of one queued message after `stale_devices` or `on_call_changed`."""
 MAX_BUNDLE_ROUNDS: Final = 3
 MAX_BLOB_SIZE: Final = 25 * 1024 * 1024
 BLOBS_PATH: Final = "/v1/blobs"
@@ -488,6 +510,7 @@ def message_view(
     server_ms: int | None,
     status: str,
     error: str | None = None,
+    flags: tuple[str, ...] = (),
 ) -> MessageView:
     return MessageView(
         message_id=content.message_id,
@@ -505,6 +528,7 @@ def message_view(
             for i, a in enumerate(content.attachments)
         ),
         error=error,
+        flags=flags,
     )
 
 
@@ -518,6 +542,7 @@ def view_of_stored(stored: StoredMessage) -> MessageView:
         server_ms=stored.server_ms,
         status=stored.status,
         error=stored.error,
+        flags=stored.flags,
     )
 
 
@@ -556,7 +581,12 @@ class Messenger:
     # -- public ----------------------------------------------------------------------------
 
     async def send(
-        self, to_user: str, text: str, files: Sequence[OutgoingFile] = ()
+        self,
+        to_user: str,
+        text: str,
+        files: Sequence[OutgoingFile] = (),
+        *,
+        urgent: bool = False,
     ) -> SentMessage:
         own = self._own
         _check_message(to_user, text, files, own.user_id)
@@ -566,6 +596,9 @@ class Messenger:
             raise ClientError(
                 LocalCode.NOT_SENT, f"{to_user} has no enrolled device yet; nothing was sent"
             )
+        recipients = await self._recipients(to_user, urgent)
+        for user_id in recipients:
+            await self._directory.user(user_id)
         await self._directory.user(own.user_id)
         descriptors = [await self.upload(f) for f in files]
         message_id = new_message_id(self._rng)
@@ -578,6 +611,8 @@ class Messenger:
                 "compose_message",
                 self._compose_txn,
                 to_user=to_user,
+                recipients=recipients,
+                urgent=urgent,
                 text=text,
                 descriptors=descriptors,
                 message_id=message_id,
@@ -586,11 +621,22 @@ class Messenger:
                 bundles=bundles,
             )
 
-        entry = await self._with_sessions(to_user, persist)
+        entry = await self._with_sessions(recipients, persist)
         waiter: Deferred[SentMessage] = Deferred()
         self._waiters.setdefault(entry.message_id, []).append(waiter)
         self.kick()
         return await waiter
+
+    async def _recipients(self, to_user: str, urgent: bool) -> tuple[str, ...]:
+        """Who the message is signed for: `to_user`, and for an urgent message while they are
+        away, the clinician on call for their department (the relay says who)."""
+        if not urgent:
+            return (to_user,)
+        availability = await get_availability(self._connector, to_user)
+        on_call = availability.on_call
+        if availability.open_now or on_call is None or on_call in (to_user, self._own.user_id):
+            return (to_user,)
+        return canonical_recipients((to_user, on_call))
 
     def kick(self) -> None:
         """Flush the outbox on the ready connection (or note that another pass is needed)."""
@@ -699,7 +745,7 @@ class Messenger:
 
     async def _with_sessions(
         self,
-        to_user: str,
+        recipients: Sequence[str],
         persist: Callable[
             [Sequence[DeviceIdentity], Mapping[DeviceAddress, PrekeyBundle]], Deferred[_T]
         ],
@@ -707,7 +753,7 @@ class Messenger:
     ) -> _T:
         """Run `persist(targets, bundles)` with bundles for every target lacking a session,
         fetching them (and retrying) when a device appeared meanwhile."""
-        users = (to_user, self._own.user_id)
+        users = (*recipients, self._own.user_id)
         bundles: dict[DeviceAddress, PrekeyBundle] = {}
         for _ in range(MAX_BUNDLE_ROUNDS):
             targets = [t for t in self._targets(users) if only is None or only(t)]
@@ -732,6 +778,8 @@ class Messenger:
         conn: sqlite3.Connection,
         *,
         to_user: str,
+        recipients: Sequence[str],
+        urgent: bool,
         text: str,
         descriptors: Sequence[AttachmentDescriptor],
         message_id: bytes,
@@ -748,7 +796,7 @@ class Messenger:
             sender_user_id=own.identity.user_id,
             sender_device_id=own.identity.device_id,
             sender_certificate_hash=own.identity.certificate_hash,
-            recipients=(to_user,),
+            recipients=canonical_recipients(recipients),
             sent_at_ms=sent_at_ms,
             previous_hash=get_thread_head_txn(conn, thread_id),
             log_view=self._directory.log_view(),
@@ -760,7 +808,7 @@ class Messenger:
         ciphertexts = encrypt_for_devices(
             own, signed, targets, SqlSessionStore(conn, profile.sealer), bundles, self._rng
         )
-        body = _send_body(message_id, ciphertexts.items())
+        body = _send_body(message_id, ciphertexts.items(), urgent=urgent)
         now = now_ms(self._clock)
         insert_message_txn(
             conn,
@@ -806,9 +854,14 @@ class Messenger:
             try:
                 answer = expect(await connection.request(functools.partial(_with_rid, send)), Sent)
             except RemoteError as exc:
-                if exc.code is ErrorCode.STALE_DEVICES:
+                if exc.code is ErrorCode.STALE_DEVICES or (
+                    exc.code is ErrorCode.ON_CALL_CHANGED and send.urgent
+                ):
                     try:
-                        entry = await self._reencrypt(entry, send, exc)
+                        if exc.code is ErrorCode.STALE_DEVICES:
+                            entry = await self._reencrypt(entry, send, exc)
+                        else:
+                            entry = await self._readdress(entry)
                     except ClientError as failure:
                         await self._give_up(entry, failure)
                         return
@@ -836,26 +889,27 @@ class Messenger:
             )
             self._resolve(
                 entry.message_id,
-                SentMessage(entry.message_id, answer.time_ms, entry.peer_user, len(send.envelopes)),
+                SentMessage(
+                    entry.message_id,
+                    answer.time_ms,
+                    entry.peer_user,
+                    len(send.envelopes),
+                    held=bool(answer.held),
+                    reads_at_ms=answer.reads_at_ms,
+                    on_call=answer.on_call,
+                ),
             )
             return
         await self._give_up(
             entry,
-            ClientError(LocalCode.NOT_SENT, "the recipient's devices kept changing; not sent"),
+            ClientError(
+                LocalCode.NOT_SENT,
+                "the recipients' devices or the on-call roster kept changing; not sent",
+            ),
         )
 
-    async def _reencrypt(self, entry: OutboxEntry, send: Send, refusal: RemoteError) -> OutboxEntry:
+    async def _own_queued(self, entry: OutboxEntry) -> tuple[StoredMessage, Content]:
         own = self._own
-        users = {entry.peer_user, own.user_id}
-        users.update(ref.user for ref in (*refusal.missing, *refusal.extra))
-        for user_id in sorted(users):
-            await self._directory.user(user_id, refresh=True)
-        current = {t.address for t in self._targets((entry.peer_user, own.user_id))}
-        kept = {
-            DeviceAddress(e.user, e.device): e.ciphertext
-            for e in send.envelopes
-            if DeviceAddress(e.user, e.device) in current
-        }
         stored = await self._profile.db.run_interaction(
             "load_own_message",
             get_message_txn,
@@ -866,6 +920,20 @@ class Messenger:
         )
         if stored is None:
             raise ClientError(LocalCode.NOT_SENT, "the queued message is gone from the profile")
+        return stored, SignedContent.decode(stored.signed_content).content
+
+    async def _reencrypt(self, entry: OutboxEntry, send: Send, refusal: RemoteError) -> OutboxEntry:
+        own = self._own
+        stored, content = await self._own_queued(entry)
+        users = {*content.recipients, own.user_id}
+        for user_id in sorted(users | {ref.user for ref in (*refusal.missing, *refusal.extra)}):
+            await self._directory.user(user_id, refresh=True)
+        current = {t.address for t in self._targets(users)}
+        kept = {
+            DeviceAddress(e.user, e.device): e.ciphertext
+            for e in send.envelopes
+            if DeviceAddress(e.user, e.device) in current
+        }
 
         def persist(
             targets: Sequence[DeviceIdentity], bundles: Mapping[DeviceAddress, PrekeyBundle]
@@ -876,13 +944,72 @@ class Messenger:
                 entry=entry,
                 plaintext=stored.signed_content,
                 kept=kept,
+                urgent=bool(send.urgent),
                 targets=targets,
                 bundles=bundles,
             )
 
         return await self._with_sessions(
-            entry.peer_user, persist, only=lambda t: t.address not in kept
+            content.recipients, persist, only=lambda t: t.address not in kept
         )
+
+    async def _readdress(self, entry: OutboxEntry) -> OutboxEntry:
+        """An urgent message the relay refused because the on-call roster changed: ask who is
+        on call now and sign the same message (id, thread, time, previous hash) for them."""
+        _, content = await self._own_queued(entry)
+        recipients = await self._recipients(entry.peer_user, urgent=True)
+        if len(recipients) > MAX_RECIPIENTS:
+            raise ClientError(LocalCode.NOT_SENT, "too many recipients")
+        for user_id in (*recipients, self._own.user_id):
+            await self._directory.user(user_id, refresh=True)
+        readdressed = dataclasses.replace(content, recipients=recipients)
+
+        def persist(
+            targets: Sequence[DeviceIdentity], bundles: Mapping[DeviceAddress, PrekeyBundle]
+        ) -> Deferred[OutboxEntry]:
+            return self._profile.db.run_interaction(
+                "readdress_message",
+                self._readdress_txn,
+                entry=entry,
+                before=content,
+                after=readdressed,
+                targets=targets,
+                bundles=bundles,
+            )
+
+        return await self._with_sessions(recipients, persist)
+
+    def _readdress_txn(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        entry: OutboxEntry,
+        before: Content,
+        after: Content,
+        targets: Sequence[DeviceIdentity],
+        bundles: Mapping[DeviceAddress, PrekeyBundle],
+    ) -> OutboxEntry:
+        profile = self._profile
+        own = profile.secrets.device
+        signed = sign_content(after, own).encode()
+        ciphertexts = encrypt_for_devices(
+            own, signed, targets, SqlSessionStore(conn, profile.sealer), bundles, self._rng
+        )
+        body = _send_body(entry.message_id, ciphertexts.items(), urgent=True)
+        replace_signed_content_txn(
+            conn,
+            profile.sealer,
+            sender_user=own.identity.user_id,
+            sender_device=own.identity.device_id,
+            message_id=entry.message_id,
+            signed_content=signed,
+        )
+        # The thread's chain goes through the message as it is finally sent. (A later message
+        # already chained to the refused version keeps that hash: a gap a record would show.)
+        if get_thread_head_txn(conn, after.thread_id) == content_hash(before):
+            set_thread_head_txn(conn, after.thread_id, content_hash(after), after.sent_at_ms)
+        put_outbox_txn(conn, entry.message_id, entry.peer_user, body, entry.created_ms)
+        return dataclasses.replace(entry, body=body)
 
     def _reencrypt_txn(
         self,
@@ -891,6 +1018,7 @@ class Messenger:
         entry: OutboxEntry,
         plaintext: bytes,
         kept: Mapping[DeviceAddress, bytes],
+        urgent: bool,
         targets: Sequence[DeviceIdentity],
         bundles: Mapping[DeviceAddress, PrekeyBundle],
     ) -> OutboxEntry:
@@ -905,7 +1033,7 @@ class Messenger:
         envelopes = {**kept, **fresh}
         if not envelopes:
             raise ClientError(LocalCode.NOT_SENT, f"{entry.peer_user} has no devices left")
-        body = _send_body(entry.message_id, envelopes.items())
+        body = _send_body(entry.message_id, envelopes.items(), urgent=urgent)
         put_outbox_txn(conn, entry.message_id, entry.peer_user, body, entry.created_ms)
         return dataclasses.replace(entry, body=body)
 
@@ -930,12 +1058,16 @@ def _with_rid(send: Send, rid: int) -> Send:
     return dataclasses.replace(send, rid=rid)
 
 
-def _send_body(message_id: bytes, ciphertexts: Iterable[tuple[DeviceAddress, bytes]]) -> bytes:
+def _send_body(
+    message_id: bytes, ciphertexts: Iterable[tuple[DeviceAddress, bytes]], *, urgent: bool
+) -> bytes:
     envelopes = tuple(
         OutboundEnvelope(user=a.user_id, device=a.device_id, ciphertext=c)
         for a, c in sorted(ciphertexts, key=lambda item: (item[0].user_id, item[0].device_id))
     )
-    return encode_body(Send(rid=0, message_id=message_id, envelopes=envelopes))
+    return encode_body(
+        Send(rid=0, message_id=message_id, envelopes=envelopes, urgent=True if urgent else None)
+    )
 
 
 def _mark_sent_txn(
@@ -999,6 +1131,7 @@ class Receiver:
         self,
         profile: OpenProfile,
         directory: Directory,
+        log: LogVerifier,
         *,
         clock: IReactorTime,
         rng: Rng,
@@ -1006,6 +1139,7 @@ class Receiver:
     ) -> None:
         self._profile = profile
         self._directory = directory
+        self._log = log
         self._clock = clock
         self._rng = rng
         self._notify = notify
@@ -1067,6 +1201,8 @@ class Receiver:
                 item.time_ms,
                 "the message expired before this device fetched it",
             )
+        if item.kind == ItemKind.NOTICE:
+            return await self._clinic_notice(item)
         if await db.run_interaction("seen", item_seen_txn, item.user, item.device, item.message_id):
             return None
         try:
@@ -1145,6 +1281,7 @@ class Receiver:
             status=STATUS_SENT if outgoing else STATUS_RECEIVED,
             signed_content=plaintext,
             read=False,  # a copy of what our other device sent is news here too
+            flags=item.flags or (),
         )
         set_conversation_txn(conn, peer_user, content.thread_id, now)
         if outgoing:
@@ -1155,8 +1292,81 @@ class Receiver:
             outgoing=outgoing,
             server_ms=item.time_ms,
             status=STATUS_SENT if outgoing else STATUS_RECEIVED,
+            flags=tuple(sorted(item.flags or ())),
         )
         return view, content.log_view
+
+    async def _clinic_notice(self, item: DeliveredItem) -> Event | None:
+        assert item.ciphertext is not None  # noqa: S101 (a "notice" item carries one)
+        own_user = self._profile.info.user_id
+        try:
+            notice = ClinicNotice.decode(item.ciphertext)
+        except CryptoError as exc:
+            return await self._record_failure(item, f"a damaged clinic notice ({exc})")
+        await self._log.load()
+        try:
+            notice.verify(self._log.trust, recipient=own_user)
+        except ProofError:
+            # Perhaps signed by an issuing key this device has not seen yet: refresh the
+            # clinic's keys through the identity log once, then decide.
+            await self._log.user_state(own_user)
+            try:
+                notice.verify(self._log.trust, recipient=own_user)
+            except ProofError as exc:
+                return await self._record_failure(
+                    item,
+                    f"SECURITY WARNING: a clinic notice that is not the clinic's ({exc}); "
+                    "it is not shown. Tell clinic IT",
+                )
+        return await self._profile.db.run_interaction(
+            "clinic_notice", self._clinic_notice_txn, item, notice
+        )
+
+    def _clinic_notice_txn(
+        self, conn: sqlite3.Connection, item: DeliveredItem, notice: ClinicNotice
+    ) -> Event | None:
+        own_user = self._profile.info.user_id
+        # Sent from this device or (a copy) from another of ours.
+        about = next(
+            (m for m in find_messages_txn(conn, self._profile.sealer, item.message_id)
+             if m.outgoing and m.sender_user == own_user),
+            None,
+        )  # fmt: skip
+        if (
+            notice.in_reply_to != item.message_id
+            or notice.clinician != item.user
+            or about is None
+            or not SignedContent.decode(about.signed_content).content.is_addressed_to(
+                notice.clinician
+            )
+        ):
+            return self._failure_txn(
+                conn,
+                item,
+                "a clinic notice about a message this profile did not send to that clinician",
+            )
+        row = insert_notice_txn(
+            conn,
+            kind=notice.kind.value,
+            message_id=item.message_id,
+            user_id=notice.clinician,
+            device_id="",
+            server_ms=item.time_ms,
+            recorded_ms=now_ms(self._clock),
+            reason=notice.text,
+            detail=item.ciphertext,
+        )
+        if row is None:
+            return None  # delivered again
+        return NoticeView(
+            notice.kind.value,
+            item.message_id,
+            notice.clinician,
+            "",
+            item.time_ms,
+            notice.text,
+            clinic=clinic_view(notice),
+        )
 
     def _failure_txn(self, conn: sqlite3.Connection, item: DeliveredItem, reason: str) -> Event:
         insert_notice_txn(
@@ -1179,7 +1389,22 @@ class Receiver:
         )
 
 
+def clinic_view(notice: ClinicNotice) -> ClinicNoticeView:
+    return ClinicNoticeView(
+        clinician=notice.clinician,
+        reads_at_ms=notice.reads_at_ms,
+        time_zone=notice.time_zone,
+        text=notice.text,
+        emergency_numbers=notice.emergency_numbers,
+        on_call=notice.on_call,
+    )
+
+
 def notice_view(notice: StoredNotice) -> NoticeView:
+    clinic = None
+    if notice.kind in CLINIC_NOTICE_KINDS and notice.detail is not None:
+        # Verified when it arrived; decoded again only to show it.
+        clinic = clinic_view(ClinicNotice.decode(notice.detail))
     return NoticeView(
         notice.kind,
         notice.message_id,
@@ -1187,6 +1412,7 @@ def notice_view(notice: StoredNotice) -> NoticeView:
         notice.device_id,
         notice.server_ms,
         notice.reason,
+        clinic=clinic,
     )
 
 

@@ -12,7 +12,8 @@ A profile is a directory (mode 0700) holding `profile.sqlite3` (mode 0600). The 
   content in each thread (for `previous_hash`);
 - `messages`: every message sent or received, its signed content (text and attachment keys:
   medical secrets) sealed, ids and times plain; `outbox`: sends not yet confirmed by the relay;
-- `notices`: items that could not be decrypted or verified, and expiry notices.
+- `notices`: items that could not be decrypted or verified, expiry notices, and the clinic's
+  signed notices (automatic replies, urgent routing).
 
 Rules of this file:
 
@@ -59,7 +60,7 @@ from medrelay.crypto.sealing import (
 )
 from medrelay.crypto.sessions import InMemoryPrekeyStore, SessionRecord
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 DB_FILENAME: Final = "profile.sqlite3"
 BUSY_TIMEOUT_MS: Final = 5000
 
@@ -88,7 +89,7 @@ _SCHEMA: Final = (
         peer_user TEXT NOT NULL, outgoing INTEGER NOT NULL, thread_id BLOB NOT NULL,
         sent_at_ms INTEGER NOT NULL, server_ms INTEGER, stored_ms INTEGER NOT NULL,
         status TEXT NOT NULL, error TEXT, read INTEGER NOT NULL DEFAULT 0,
-        sealed BLOB NOT NULL,
+        sealed BLOB NOT NULL, flags TEXT NOT NULL DEFAULT '',
         UNIQUE (sender_user, sender_device, message_id))""",
     "CREATE INDEX messages_by_message_id ON messages (message_id)",
     """CREATE TABLE outbox (
@@ -98,8 +99,20 @@ _SCHEMA: Final = (
         id INTEGER PRIMARY KEY, kind TEXT NOT NULL, message_id BLOB NOT NULL,
         user_id TEXT NOT NULL, device_id TEXT NOT NULL, server_ms INTEGER NOT NULL,
         recorded_ms INTEGER NOT NULL, reason TEXT NOT NULL, read INTEGER NOT NULL DEFAULT 0,
+        detail BLOB,
         UNIQUE (kind, user_id, device_id, message_id))""",
 )
+
+# How a profile written by an older medrelay reaches SCHEMA_VERSION: the statements that take
+# version N to N + 1, run in one transaction when the profile is opened.
+_UPGRADES: Final[dict[int, tuple[str, ...]]] = {
+    # 2: the relay's flags on received messages (urgent, after hours, held), and clinic notices
+    # kept whole (their signed encoding) so they can be shown and checked again later.
+    1: (
+        "ALTER TABLE messages ADD COLUMN flags TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE notices ADD COLUMN detail BLOB",
+    ),
+}
 
 # Secret names (rows of `secrets`).
 ROW_IDENTITY_KEY: Final = "identity_key"
@@ -330,12 +343,32 @@ def _meta_int(conn: sqlite3.Connection, key: str) -> int:
     return value
 
 
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a profile of an older schema to SCHEMA_VERSION, all or nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Read again under the write lock: another process may have upgraded meanwhile.
+        current = get_meta_txn(conn, "schema_version")
+        while isinstance(current, int) and current in _UPGRADES:
+            for statement in _UPGRADES[current]:
+                conn.execute(statement)
+            current += 1
+            set_meta_txn(conn, "schema_version", current)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def check_schema_txn(conn: sqlite3.Connection) -> KeyDerivationHeader:
     """The key-derivation header of a profile whose schema this code understands."""
     try:
         version = get_meta_txn(conn, "schema_version")
     except sqlite3.OperationalError:
         raise ClientError(LocalCode.PROFILE_CORRUPT, "not a medrelay profile database") from None
+    if isinstance(version, int) and version in _UPGRADES:
+        _upgrade(conn)
+        version = get_meta_txn(conn, "schema_version")
     if version != SCHEMA_VERSION:
         raise ClientError(
             LocalCode.PROFILE_CORRUPT,
@@ -685,6 +718,8 @@ class StoredMessage:
     error: str | None
     read: bool
     signed_content: bytes
+    flags: tuple[str, ...] = ()
+    """What the relay said about a received message: urgent, after_hours, held."""
 
     def __repr__(self) -> str:
         return (
@@ -695,13 +730,13 @@ class StoredMessage:
 
 _MESSAGE_COLUMNS: Final = (
     "id, message_id, sender_user, sender_device, peer_user, outgoing, thread_id, sent_at_ms, "
-    "server_ms, stored_ms, status, error, read, sealed"
+    "server_ms, stored_ms, status, error, read, sealed, flags"
 )
 
 
 def _message_from_row(row: Sequence[object], sealer: Sealer) -> StoredMessage:
     (row_id, message_id, sender_user, sender_device, peer_user, outgoing, thread_id, sent_at,
-     server_ms, stored_ms, status, error, read, sealed) = row  # fmt: skip
+     server_ms, stored_ms, status, error, read, sealed, flags) = row  # fmt: skip
     assert isinstance(message_id, bytes) and isinstance(sealed, bytes)  # noqa: S101 (schema)
     signed = sealer.open(sealed, "messages", str(sender_user), str(sender_device), message_id)
     return StoredMessage(
@@ -719,6 +754,7 @@ def _message_from_row(row: Sequence[object], sealer: Sealer) -> StoredMessage:
         error=None if error is None else str(error),
         read=bool(read),
         signed_content=signed,
+        flags=tuple(sorted(str(flags).split())),
     )
 
 
@@ -738,12 +774,13 @@ def insert_message_txn(
     status: str,
     signed_content: bytes,
     read: bool,
+    flags: Sequence[str] = (),
 ) -> int:
     sealed = sealer.seal(signed_content, "messages", sender_user, sender_device, message_id)
     cursor = conn.execute(
         "INSERT INTO messages (message_id, sender_user, sender_device, peer_user, outgoing, "
-        "thread_id, sent_at_ms, server_ms, stored_ms, status, read, sealed) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "thread_id, sent_at_ms, server_ms, stored_ms, status, read, sealed, flags) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             message_id,
             sender_user,
@@ -757,6 +794,7 @@ def insert_message_txn(
             status,
             int(read),
             sealed,
+            " ".join(sorted(flags)),
         ),
     )
     row_id = cursor.lastrowid
@@ -808,6 +846,24 @@ def get_message_txn(
         (sender_user, sender_device, message_id),
     ).fetchone()
     return None if row is None else _message_from_row(row, sealer)
+
+
+def replace_signed_content_txn(
+    conn: sqlite3.Connection,
+    sealer: Sealer,
+    *,
+    sender_user: str,
+    sender_device: str,
+    message_id: bytes,
+    signed_content: bytes,
+) -> None:
+    """Our own queued message, signed again (re-addressed before the relay accepted it)."""
+    sealed = sealer.seal(signed_content, "messages", sender_user, sender_device, message_id)
+    conn.execute(
+        "UPDATE messages SET sealed = ? WHERE sender_user = ? AND sender_device = ? "
+        "AND message_id = ?",
+        (sealed, sender_user, sender_device, message_id),
+    )
 
 
 def find_messages_txn(
@@ -883,7 +939,8 @@ def list_outbox_txn(conn: sqlite3.Connection) -> list[OutboxEntry]:
 
 @dataclass(frozen=True, slots=True)
 class StoredNotice:
-    """A failed item (`kind` "failed") or an expiry notice ("expired")."""
+    """A failed item (`kind` "failed"), an expiry notice ("expired"), a security warning
+    ("security") or a clinic notice (its `NoticeKind` value, with `detail`)."""
 
     row_id: int
     kind: str
@@ -894,6 +951,8 @@ class StoredNotice:
     recorded_ms: int
     reason: str
     read: bool
+    detail: bytes | None = None
+    """A clinic notice: its signed encoding (medrelay.crypto.notices), verified on receipt."""
 
 
 def insert_notice_txn(
@@ -906,26 +965,30 @@ def insert_notice_txn(
     server_ms: int,
     recorded_ms: int,
     reason: str,
+    detail: bytes | None = None,
 ) -> int | None:
     """Record a notice; None when the same one was recorded before (a redelivery)."""
     cursor = conn.execute(
         "INSERT INTO notices (kind, message_id, user_id, device_id, server_ms, recorded_ms, "
-        "reason) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        (kind, message_id, user_id, device_id, server_ms, recorded_ms, reason),
+        "reason, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (kind, message_id, user_id, device_id, server_ms, recorded_ms, reason, detail),
     )
     return cursor.lastrowid if cursor.rowcount == 1 else None
 
 
 def list_notices_txn(conn: sqlite3.Connection, *, unread_only: bool) -> list[StoredNotice]:
     rows = conn.execute(
-        "SELECT id, kind, message_id, user_id, device_id, server_ms, recorded_ms, reason, read "
-        "FROM notices WHERE (? OR read = 0) ORDER BY id",
+        "SELECT id, kind, message_id, user_id, device_id, server_ms, recorded_ms, reason, read, "
+        "detail FROM notices WHERE (? OR read = 0) ORDER BY id",
         (not unread_only,),
     ).fetchall()
     return [
-        StoredNotice(int(i), str(k), bytes(m), str(u), str(d), int(s), int(r), str(why), bool(rd))
-        for i, k, m, u, d, s, r, why, rd in rows
-    ]
+        StoredNotice(
+            int(i), str(k), bytes(m), str(u), str(d), int(s), int(r), str(why), bool(rd),
+            None if detail is None else bytes(detail),
+        )
+        for i, k, m, u, d, s, r, why, rd, detail in rows
+    ]  # fmt: skip
 
 
 def mark_notices_read_txn(conn: sqlite3.Connection, row_ids: Sequence[int]) -> None:

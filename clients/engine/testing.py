@@ -7,6 +7,11 @@ through the real codec, signatures checked, the device set checked, idempotent s
 acknowledgements), for engine and front-end tests to run without network, threads or real time.
 Frames travel only when the test calls `pump()`, so a test decides the interleaving; knobs
 (`down`, `refuse_next_send`, `invalidate_tokens`, `drop`...) inject failures.
+
+Availability (docs/protocol.md §17), reduced to what clients see: a test sets
+`relay.availability[user] = FakeAvailability(open_now=False, on_call=...)`; then a send to that
+user gets a signed automatic reply (or the urgent notices), flags on the delivered items, and
+`on_call_changed` when an urgent send does not address the clinician on call. Nothing is held.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from medrelay.crypto.linking import (
     normalize_link_code,
 )
 from medrelay.crypto.merkle import MerkleTree, leaf_hash
+from medrelay.crypto.notices import NoticeKind, issue_notice
 from medrelay.crypto.rng import Rng, seeded_rng
 from medrelay.crypto.sealing import SealParams
 from medrelay.crypto.transparency import (
@@ -73,9 +79,12 @@ from medrelay.protocol.auth import auth_transcript
 from medrelay.protocol.errors import ErrorCode, ProtocolError
 from medrelay.protocol.frames import FrameDecoder, encode_frame
 from medrelay.protocol.messages import (
+    AbsenceSpan,
     Ack,
     Auth,
     Authenticated,
+    Availability,
+    AvailabilityGet,
     Bundle,
     BundleGet,
     ConsistencyProof,
@@ -92,6 +101,8 @@ from medrelay.protocol.messages import (
     DirectorySearch,
     Error,
     Hello,
+    HoursInterval,
+    ItemFlag,
     ItemKind,
     Limits,
     LogAnswer,
@@ -102,6 +113,12 @@ from medrelay.protocol.messages import (
     PrekeysPut,
     PrekeysStored,
     Resume,
+    Roster,
+    RosterAdd,
+    RosterGet,
+    RosterRemove,
+    RosterShift,
+    ScheduleSet,
     Send,
     Sent,
     Welcome,
@@ -186,6 +203,21 @@ class FakeLinkSession:
     # A relay in the middle (`FakeRelay.link_mitm`) shows each side a key of its own.
     shown_to_new: DHPrivateKey | None = None
     shown_to_existing: DHPrivateKey | None = None
+
+
+@dataclass(slots=True)
+class FakeAvailability:
+    """A clinician's state as the fake relay reports it (tests set it directly)."""
+
+    open_now: bool = True
+    on_call: str | None = None
+    changes_at_ms: int | None = None
+    time_zone: str = "Europe/Moscow"
+    hours: tuple[HoursInterval, ...] = ()
+    absences: tuple[AbsenceSpan, ...] = ()
+    autoreply: str | None = None
+    available_until_ms: int | None = None
+    department: str | None = "cardiology"
 
 
 @dataclass(slots=True)
@@ -288,6 +320,13 @@ class FakeRelay:
         self.forks: dict[str, list[bytes]] = {}
         self.hidden_events: set[tuple[str, int]] = set()
         self.directory_override: list[DirectoryEntry] = []
+        self.availability: dict[str, FakeAvailability] = {}
+        self.shifts: list[RosterShift] = []
+        self.after_availability: Callable[[], None] | None = None
+        """Called once after answering the next `availability_get` (a roster changing while
+        the client composes its urgent message)."""
+        self.notice_key = clinic.issuing
+        """What signs clinic notices (a test swaps in another key to play a forger)."""
         self.tamper_proofs = False
         self.clinic_keys: list[bytes] = []
         for certificate in (clinic.issuing_certificate, clinic.log_certificate):
@@ -486,6 +525,10 @@ class FakeRelay:
             )
         elif isinstance(message, Send):
             self._send(link, link.device, message)
+        elif isinstance(message, AvailabilityGet | ScheduleSet):
+            self._availability(link, message)
+        elif isinstance(message, RosterAdd | RosterRemove | RosterGet):
+            self._roster(link, message)
         elif isinstance(message, Ack):
             device = link.device
             acked = set(message.seqs)
@@ -586,6 +629,11 @@ class FakeRelay:
             link.push(_error(code, message.rid))
             return
         addressed = {e.user for e in message.envelopes}
+        away = {u: self.availability[u] for u in addressed if not self._open(u)}
+        for state in away.values():
+            if message.urgent and state.on_call is not None and state.on_call not in addressed:
+                link.push(_error(ErrorCode.ON_CALL_CHANGED, message.rid))
+                return
         for user_id in addressed:
             user = self.users.get(user_id)
             if user is None or user.certificate is None:
@@ -615,6 +663,9 @@ class FakeRelay:
         time_ms = self.now_ms()
         self.sent[key] = (digest, time_ms)
         for envelope in message.envelopes:
+            flags = [ItemFlag.URGENT] if message.urgent else []
+            if envelope.user in away:
+                flags.append(ItemFlag.AFTER_HOURS)
             self.device(envelope.user, envelope.device).queue.append(
                 DeliveredItem(
                     seq=self._seq(),
@@ -624,14 +675,139 @@ class FakeRelay:
                     user=sender.user_id,
                     device=sender.device_id,
                     ciphertext=envelope.ciphertext,
+                    flags=tuple(flags) or None,
                 )
             )
+        on_call = None
+        for clinician, state in sorted(away.items()):
+            if message.urgent:
+                on_call = state.on_call
+                kind = NoticeKind.URGENT_UNROUTED if on_call is None else NoticeKind.URGENT_ROUTED
+            else:
+                kind = NoticeKind.AUTO_REPLY
+            self.push_notice(sender.user_id, clinician, message.message_id, kind, state)
         if self.drop_after_send:
             self.drop_after_send = False
             link.closing = True  # the answer is lost: the client must resend
         else:
-            link.push(Sent(rid=message.rid, message_id=message.message_id, time_ms=time_ms))
+            link.push(
+                Sent(
+                    rid=message.rid,
+                    message_id=message.message_id,
+                    time_ms=time_ms,
+                    reads_at_ms=next(
+                        (s.changes_at_ms for s in away.values() if s.changes_at_ms), None
+                    ),
+                    on_call=on_call,
+                )
+            )
         self._push_queues()
+
+    # -- availability ----------------------------------------------------------------------
+
+    def _open(self, user_id: str) -> bool:
+        state = self.availability.get(user_id)
+        return state is None or state.open_now
+
+    def push_notice(
+        self,
+        patient: str,
+        clinician: str,
+        message_id: bytes,
+        kind: NoticeKind,
+        state: FakeAvailability,
+        *,
+        recipient: str | None = None,
+    ) -> None:
+        """Queue a clinic notice for every device of `patient` (signed for `recipient`,
+        default the patient), as the relay does when a message lands outside hours."""
+        notice = issue_notice(
+            self.notice_key,
+            kind=kind,
+            clinic_id=self.clinic.clinic_id,
+            recipient=recipient or patient,
+            clinician=clinician,
+            in_reply_to=message_id,
+            issued_at_ms=self.now_ms(),
+            reads_at_ms=state.changes_at_ms,
+            time_zone=state.time_zone,
+            text=f"{clinician} is away. In an emergency call 103 or 112.",
+            emergency_numbers=("103", "112"),
+            on_call=state.on_call if kind is NoticeKind.URGENT_ROUTED else None,
+        )
+        for device in self.users[patient].devices.values():
+            device.queue.append(
+                DeliveredItem(
+                    seq=self._seq(),
+                    kind=ItemKind.NOTICE,
+                    message_id=message_id,
+                    time_ms=self.now_ms(),
+                    user=clinician,
+                    device="",
+                    ciphertext=notice.encode(),
+                )
+            )
+        self._push_queues()
+
+    def _availability(self, link: _Link, message: AvailabilityGet | ScheduleSet) -> None:
+        if message.user not in self.users:
+            link.push(_error(ErrorCode.UNKNOWN_USER, message.rid))
+            return
+        scheduled = message.user in self.availability
+        state = self.availability.setdefault(message.user, FakeAvailability())
+        if isinstance(message, ScheduleSet):
+            scheduled = scheduled or message.hours is not None
+            if message.time_zone is not None:
+                state.time_zone = message.time_zone
+            if message.hours is not None:
+                state.hours = message.hours
+            if message.autoreply is not None:
+                state.autoreply = message.autoreply or None
+            if message.available_until_ms is not None:
+                state.available_until_ms = message.available_until_ms or None
+            if message.absences is not None:
+                state.absences = message.absences
+        link.push(
+            Availability(
+                rid=message.rid,
+                user=message.user,
+                time_zone=state.time_zone,
+                viewer_time_zone=state.time_zone,
+                hours=state.hours,
+                absences=state.absences,
+                open_now=state.open_now,
+                policy="hold",
+                emergency=("103", "112"),
+                scheduled=scheduled,
+                changes_at_ms=state.changes_at_ms,
+                available_until_ms=state.available_until_ms,
+                department=state.department,
+                on_call=None if state.open_now else state.on_call,
+                autoreply=state.autoreply,
+            )
+        )
+        hook, self.after_availability = self.after_availability, None
+        if hook is not None and isinstance(message, AvailabilityGet):
+            hook()
+
+    def _roster(self, link: _Link, message: RosterAdd | RosterRemove | RosterGet) -> None:
+        if isinstance(message, RosterAdd):
+            shift_id = max((s.shift for s in self.shifts), default=0) + 1
+            self.shifts.append(
+                RosterShift(
+                    shift_id,
+                    message.clinician,
+                    message.department,
+                    message.starts_ms,
+                    message.ends_ms,
+                )
+            )
+        elif isinstance(message, RosterRemove):
+            if not any(s.shift == message.shift for s in self.shifts):
+                link.push(_error(ErrorCode.NOT_FOUND, message.rid))
+                return
+            self.shifts = [s for s in self.shifts if s.shift != message.shift]
+        link.push(Roster(rid=message.rid, shifts=tuple(self.shifts)))
 
     def _seq(self) -> int:
         seq = self.next_seq

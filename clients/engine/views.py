@@ -12,6 +12,11 @@ from typing import Final
 KIND_FAILED: Final = "failed"
 KIND_EXPIRED: Final = "expired"
 KIND_SECURITY: Final = "security"
+# Clinic notices (medrelay.crypto.notices.NoticeKind values): signed by the clinic's issuing key.
+KIND_AUTO_REPLY: Final = "auto_reply"
+KIND_URGENT_ROUTED: Final = "urgent_routed"
+KIND_URGENT_UNROUTED: Final = "urgent_unrouted"
+CLINIC_NOTICE_KINDS: Final = frozenset({KIND_AUTO_REPLY, KIND_URGENT_ROUTED, KIND_URGENT_UNROUTED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +46,34 @@ class MessageView:
     text: str = field(repr=False)
     attachments: tuple[AttachmentView, ...] = field(default=(), repr=False)
     error: str | None = None
+    flags: tuple[str, ...] = ()
+    """What the relay said about a received message: "urgent" (the sender marked it),
+    "after_hours" (it reached us outside our hours), "held" (it waited for our hours)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClinicNoticeView:
+    """The verified content of a clinic notice: the clinic speaking, not a person."""
+
+    clinician: str
+    """Who the patient wrote to."""
+    reads_at_ms: int | None
+    """When that clinician reads it (their next opening), if known."""
+    time_zone: str
+    """The zone to show times in (the patient's)."""
+    text: str
+    emergency_numbers: tuple[str, ...]
+    on_call: str | None
+    """urgent_routed: the on-call clinician who received the urgent message."""
 
 
 @dataclass(frozen=True, slots=True)
 class NoticeView:
-    """An item that could not be shown as a message: `failed` (undecryptable or unverifiable;
+    """An item that is not a person's message: `failed` (undecryptable or unverifiable;
     `reason` says why), `expired` (a message of ours that device `user_id/device_id` never
-    fetched) or `security` (a transparency-log warning: `reason` is the text to show)."""
+    fetched), `security` (a transparency-log warning: `reason` is the text to show), or a clinic
+    notice about our message `message_id` to clinician `user_id` (`auto_reply`, `urgent_routed`,
+    `urgent_unrouted`: `clinic` holds its verified content)."""
 
     kind: str
     message_id: bytes
@@ -55,6 +81,7 @@ class NoticeView:
     device_id: str
     server_ms: int
     reason: str
+    clinic: ClinicNoticeView | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +102,11 @@ class SentMessage:
     server_ms: int
     recipient: str
     devices: int
+    held: bool = False
+    """The clinician is outside their hours: the message waits for them (`reads_at_ms`)."""
+    reads_at_ms: int | None = None
+    on_call: str | None = None
+    """An urgent message also reached this on-call clinician at once."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,17 +7,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
-from click.testing import CliRunner, Result
-from client_support import WorldApp
+from click.testing import CliRunner
+from client_support import WorldApp, enrolled, medrelay, one_line_error
 from twisted.internet.defer import Deferred, fail
 
 from medrelay.clients.cli.app import EngineApi, Interrupted
 from medrelay.clients.cli.main import cli, safe_file_name
 from medrelay.clients.engine.errors import ClientError, LocalCode
-from medrelay.clients.engine.testing import TEST_PASSPHRASE, TEST_SERVER_URL, ClientWorld
+from medrelay.clients.engine.testing import TEST_SERVER_URL, ClientWorld
 
 _T = TypeVar("_T")
 
@@ -41,32 +41,6 @@ def world(tmp_path: Path) -> ClientWorld:
 @pytest.fixture
 def app(world: ClientWorld) -> WorldApp:
     return WorldApp(world)
-
-
-def medrelay(
-    app: Any, world: ClientWorld, user: str, *args: str, passphrase: str | None = TEST_PASSPHRASE,
-    stdin: str | None = None,
-) -> Result:  # fmt: skip
-    env = {"MEDRELAY_PASSPHRASE": passphrase} if passphrase is not None else {}
-    command = [args[0], *args[1:], "--profile", str(world.profile_dir(user))]
-    if args[0] == "attachment":
-        command = [*args, "--profile", str(world.profile_dir(user))]
-    return CliRunner().invoke(cli, command, obj=app, env=env, input=stdin)
-
-
-def enrolled(app: WorldApp, world: ClientWorld, *users: str) -> None:
-    for user in users:
-        world.relay.add_user(user, f"CODE-{user}")
-        result = medrelay(app, world, user, "enroll", TEST_SERVER_URL, user, f"CODE-{user}")
-        assert result.exit_code == 0, result.stderr
-
-
-def one_line_error(result: Result) -> str:
-    assert result.exit_code == 1
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1
-    return lines[0]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
+from click.testing import CliRunner, Result
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from medrelay.clients.cli.app import EngineApi, Interrupted
+from medrelay.clients.cli.main import cli
 from medrelay.clients.engine.client import Engine, open_engine
 from medrelay.clients.engine.enrollment import enroll
 from medrelay.clients.engine.linking import LinkUi, join_link
 from medrelay.clients.engine.store import ProfileInfo, inline_runner, read_public_info
-from medrelay.clients.engine.testing import ClientWorld
+from medrelay.clients.engine.testing import TEST_PASSPHRASE, TEST_SERVER_URL, ClientWorld
 from medrelay.clients.engine.views import MessageView, NoticeView
 
 _T = TypeVar("_T")
@@ -120,3 +122,32 @@ class WorldApp:
 
     def timeout(self, d: Deferred[_T], seconds: float) -> Deferred[_T]:
         return d.addTimeout(seconds, self.world.clock)
+
+
+# --- the CLI through click's CliRunner -----------------------------------------------------
+
+
+def medrelay(
+    app: Any, world: ClientWorld, user: str, *args: str, passphrase: str | None = TEST_PASSPHRASE,
+    stdin: str | None = None,
+) -> Result:  # fmt: skip
+    env = {"MEDRELAY_PASSPHRASE": passphrase} if passphrase is not None else {}
+    command = [args[0], *args[1:], "--profile", str(world.profile_dir(user))]
+    if args[0] == "attachment":
+        command = [*args, "--profile", str(world.profile_dir(user))]
+    return CliRunner().invoke(cli, command, obj=app, env=env, input=stdin)
+
+
+def enrolled(app: WorldApp, world: ClientWorld, *users: str) -> None:
+    for user in users:
+        world.relay.add_user(user, f"CODE-{user}")
+        result = medrelay(app, world, user, "enroll", TEST_SERVER_URL, user, f"CODE-{user}")
+        assert result.exit_code == 0, result.stderr
+
+
+def one_line_error(result: Result) -> str:
+    assert result.exit_code == 1
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    return lines[0]

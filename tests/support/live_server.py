@@ -59,9 +59,18 @@ class LiveServer:
             check=False,
         )
 
-    def add_user(self, username: str, role: str = "doctor") -> str:
+    def add_user(self, username: str, role: str = "doctor", *extra: str) -> str:
+        """`extra`: more add-user options, e.g. "--department", "cardiology"."""
         done = self.command(
-            "admin", "add-user", username, "--role", role, "--name", f"Name {username}", "--json"
+            "admin",
+            "add-user",
+            username,
+            "--role",
+            role,
+            "--name",
+            f"Name {username}",
+            "--json",
+            *extra,
         )
         assert done.returncode == 0, done.stderr
         code: str = json.loads(done.stdout)["enrollment_code"]
@@ -148,12 +157,22 @@ class Person:
         self.run("send", to, text, *extra)
 
     def inbox(self) -> list[dict[str, Any]]:
+        return [i for i in self.inbox_all() if i.get("type") == "message"]
+
+    def inbox_all(self) -> list[dict[str, Any]]:
+        """Messages and notices."""
         items: list[dict[str, Any]] = json.loads(self.run("inbox", "--json").stdout)
-        return [i for i in items if i.get("type") == "message"]
+        return items
+
+    def json(self, *args: str) -> Any:
+        """Run a command with --json and parse what it printed."""
+        return json.loads(self.run(*args, "--json").stdout)
 
 
-def enroll(server: LiveServer, directory: Path, name: str, role: str = "doctor") -> Person:
-    code = server.add_user(name, role)
+def enroll(
+    server: LiveServer, directory: Path, name: str, role: str = "doctor", *extra: str
+) -> Person:
+    code = server.add_user(name, role, *extra)
     person = Person(name, directory / f"profile-{name}")
     person.run("enroll", server.url, name, code)
     return person

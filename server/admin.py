@@ -13,6 +13,9 @@ refusals included.
 
 from __future__ import annotations
 
+import datetime
+import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -31,6 +34,7 @@ from medrelay.server.config import Config
 from medrelay.server.enrollment import check_profile, new_enrollment_code, normalize_code
 from medrelay.server.policy import Relationship, last_day
 from medrelay.server.storage import accounts, care
+from medrelay.server.storage import availability as availability_store
 from medrelay.server.storage.database import (
     Database,
     SynchronousRunner,
@@ -451,3 +455,119 @@ def links(database: Database, *, username: str, now_ms: int) -> list[LinkView]:
     except StorageError as exc:
         raise AdminError(f"database: {exc}") from None
     return [LinkView(item, item.state(now_ms)) for item in found]
+
+
+# --- holidays -----------------------------------------------------------------------------------
+
+MAX_HOLIDAY_NAME_CHARS: Final = 100
+_ISO_DAY: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_UNPRINTABLE: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+"""Control, formatting (bidirectional overrides), surrogate and line-breaking characters."""
+
+
+@dataclass(frozen=True, slots=True)
+class Holiday:
+    day: datetime.date
+    name: str
+
+
+def parse_holiday_day(text: str) -> datetime.date:
+    """The day `text` names, exactly YYYY-MM-DD (AdminError otherwise)."""
+    if _ISO_DAY.fullmatch(text) is None:
+        raise AdminError(f"date {text!r} is not a date in the form YYYY-MM-DD")
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise AdminError(f"date {text!r} is not a valid calendar date") from None
+
+
+def check_holiday_name(name: str) -> str:
+    """`name` without surrounding spaces: 1 to MAX_HOLIDAY_NAME_CHARS characters, none of them
+    control or formatting characters (AdminError otherwise). It is shown to the operator only,
+    never sent to clients or written to the audit log."""
+    name = name.strip()
+    if not name:
+        raise AdminError("the holiday's name must not be empty")
+    if len(name) > MAX_HOLIDAY_NAME_CHARS:
+        raise AdminError(f"the holiday's name is longer than {MAX_HOLIDAY_NAME_CHARS} characters")
+    if any(unicodedata.category(c) in _UNPRINTABLE for c in name):
+        raise AdminError("the holiday's name contains control characters")
+    return name
+
+
+def set_holiday_audited_txn(
+    conn: Connection, /, *, day: datetime.date, name: str, now_ms: int, actor: str = audit.OPERATOR
+) -> bool:
+    """Add (or rename) the holiday on `day` with its audit record; True if it replaced one."""
+    replaced = availability_store.holiday_txn(conn, day) is not None
+    availability_store.set_holiday_txn(conn, day, name)
+    audit.append_audit_txn(
+        conn,
+        actor=actor,
+        action=audit.AuditAction.HOLIDAY_SET,
+        target="",
+        result=audit.AuditResult.OK,
+        now_ms=now_ms,
+        detail=f"day={day.isoformat()}",
+    )
+    return replaced
+
+
+def remove_holiday_audited_txn(
+    conn: Connection, /, *, day: datetime.date, now_ms: int, actor: str = audit.OPERATOR
+) -> str | None:
+    """Remove the holiday on `day` with its audit record; returns its name, or None when there
+    was none (audited as refused)."""
+    name = availability_store.holiday_txn(conn, day)
+    removed = availability_store.remove_holiday_txn(conn, day)
+    audit.append_audit_txn(
+        conn,
+        actor=actor,
+        action=audit.AuditAction.HOLIDAY_REMOVE,
+        target="",
+        result=audit.AuditResult.OK if removed else audit.AuditResult.REFUSED,
+        now_ms=now_ms,
+        detail=f"day={day.isoformat()}" + ("" if removed else "; reason=not_found"),
+    )
+    return name if removed else None
+
+
+def add_holiday(database: Database, *, day: datetime.date, name: str, now_ms: int) -> bool:
+    """Close `day` for every clinician with hours (see `check_holiday_name` for `name`); True
+    if it renamed a holiday already on that day. Audited as holiday_set."""
+    name = check_holiday_name(name)
+    try:
+        return resolved(
+            database.run_interaction(
+                "admin_holiday_add", set_holiday_audited_txn, day=day, name=name, now_ms=now_ms
+            )
+        )
+    except StorageError as exc:
+        raise AdminError(f"database: {exc}") from None
+
+
+def remove_holiday(database: Database, *, day: datetime.date, now_ms: int) -> Holiday:
+    """Open `day` again; AdminError if it is not a holiday. Audited as holiday_remove, refusals
+    included."""
+    try:
+        name = resolved(
+            database.run_interaction(
+                "admin_holiday_remove", remove_holiday_audited_txn, day=day, now_ms=now_ms
+            )
+        )
+    except StorageError as exc:
+        raise AdminError(f"database: {exc}") from None
+    if name is None:
+        raise AdminError(f"there is no holiday on {day.isoformat()}")
+    return Holiday(day, name)
+
+
+def holidays(database: Database) -> list[Holiday]:
+    """Every holiday, in date order."""
+    try:
+        found = resolved(
+            database.run_interaction("admin_holidays", availability_store.holidays_txn)
+        )
+    except StorageError as exc:
+        raise AdminError(f"database: {exc}") from None
+    return [Holiday(day, name) for day, name in sorted(found.items())]

@@ -101,6 +101,22 @@ class AuditAction(enum.StrEnum):
     """A care link was ended early. target: the patient's username; detail: "clinician=..."."""
     CLINIC_KEY_ROTATE = "clinic_key_rotate"
     """A clinic issuing or log key was rotated. target: ""; detail: "issuing key" or "log key"."""
+    SCHEDULE_SET = "schedule_set"
+    """A user's schedule was changed, by themselves or an admin (refused: the policy table
+    forbade it). target: the username; detail: "fields=<the fields set>", e.g.
+    "fields=hours,absences" (tz, hours, autoreply, until, absences), never their values."""
+    ROSTER_ADD = "roster_add"
+    """An on-call shift was added (refused: the policy table forbade it). target: the
+    clinician; detail: "shift=<id>; from=<UTC ISO>; to=<UTC ISO>; department=<department>"."""
+    ROSTER_REMOVE = "roster_remove"
+    """An on-call shift was removed (refused: the policy table forbade it). target: the
+    clinician ("" when refused); detail: "shift=<id>"."""
+    HOLIDAY_SET = "holiday_set"
+    """A clinic holiday was added or renamed (`admin holiday add`). target: ""; detail:
+    "day=YYYY-MM-DD" (not the holiday's name)."""
+    HOLIDAY_REMOVE = "holiday_remove"
+    """A clinic holiday was removed (refused: there was none that day). target: ""; detail:
+    "day=YYYY-MM-DD"."""
 
 
 class AuditResult(enum.StrEnum):

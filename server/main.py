@@ -9,6 +9,9 @@
                                    [--json]
     medrelay-server admin unlink PATIENT CLINICIAN [--json]
     medrelay-server admin links USERNAME [--json]
+    medrelay-server admin holiday add DATE NAME [--json]
+    medrelay-server admin holiday remove DATE [--json]
+    medrelay-server admin holiday list [--json]
     medrelay-server audit verify [--anchor N:HEX] [--json]
     medrelay-server audit show [--since ISO] [--until ISO] [--actor A] [--action X]
                                [--target T] [--limit N] [--json]
@@ -353,7 +356,7 @@ _slip_option = click.option(
 
 @cli.group(name="admin")
 def admin_group() -> None:
-    """Accounts, enrollment codes and care links."""
+    """Accounts, enrollment codes, care links and the clinic's holidays."""
 
 
 @admin_group.command(name="add-user")
@@ -564,12 +567,25 @@ def _with_admin_database(
     action: Callable[[Database, int], _R],
 ) -> _R:
     """Run `action(database, now_ms)` on the configured database; errors are one line."""
+    return _with_admin_config(
+        ctx, config_path, data_dir, json_mode, lambda _config, db, now_ms: action(db, now_ms)
+    )
+
+
+def _with_admin_config(
+    ctx: click.Context,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+    action: Callable[[Config, Database, int], _R],
+) -> _R:
+    """`_with_admin_database` for an action that also reads the configuration."""
     env = _environment(ctx)
     config = _load(env, config_path, Overrides(data_dir=data_dir))
     try:
         database = admin.open_admin_database(config)
         try:
-            return action(database, int(env.now() * 1000))
+            return action(config, database, int(env.now() * 1000))
         finally:
             database.close()
     except admin.AdminError as exc:
@@ -701,6 +717,130 @@ def links_command(
         click.echo(f"{username} has no care links")
     for view in views:
         click.echo(_link_text(view))
+
+
+# --- admin: holidays ----------------------------------------------------------------------------
+
+
+@admin_group.group(name="holiday")
+def holiday_group() -> None:
+    """The clinic's public holidays: days closed for every clinician who keeps hours."""
+
+
+def _holiday_day(text: str, json_mode: bool) -> datetime.date:
+    """DATE, checked before the database is opened (a typo creates nothing)."""
+    try:
+        return admin.parse_holiday_day(text)
+    except admin.AdminError as exc:
+        _admin_failed(exc, json_mode)
+
+
+@holiday_group.command(name="add")
+@click.argument("day", metavar="DATE")
+@click.argument("name")
+@_location_options
+@_json_option
+@click.pass_context
+def holiday_add(
+    ctx: click.Context,
+    *,
+    day: str,
+    name: str,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+) -> None:
+    """Make DATE (YYYY-MM-DD) a holiday called NAME (renames one already on that date).
+
+    Every doctor and nurse who keeps hours is closed that whole day, in their own time zone:
+    patients' messages wait for the next opening and get the automatic reply. Clinicians who
+    set no hours stay always available, and one who declared "available until" stays so until
+    then. NAME, e.g. "New Year" (at most 100 characters), is shown to operators only.
+    """
+    date = _holiday_day(day, json_mode)
+    try:
+        clean = admin.check_holiday_name(name)
+    except admin.AdminError as exc:
+        _admin_failed(exc, json_mode)
+    renamed = _with_admin_database(
+        ctx,
+        config_path,
+        data_dir,
+        json_mode,
+        lambda database, now_ms: admin.add_holiday(database, day=date, name=clean, now_ms=now_ms),
+    )
+    if json_mode:
+        click.echo(json.dumps({"day": date.isoformat(), "name": clean, "renamed": renamed}))
+        return
+    what = "renamed the holiday on" if renamed else "added the holiday"
+    click.echo(f"{what} {date.isoformat()}: {clean}; clinicians with hours are closed that day")
+
+
+@holiday_group.command(name="remove")
+@click.argument("day", metavar="DATE")
+@_location_options
+@_json_option
+@click.pass_context
+def holiday_remove(
+    ctx: click.Context,
+    *,
+    day: str,
+    config_path: Path | None,
+    data_dir: Path | None,
+    json_mode: bool,
+) -> None:
+    """Make DATE (YYYY-MM-DD) an ordinary day again (exit 1 if it is not a holiday).
+
+    A running server delivers the messages it held because of the holiday at its next check
+    of held messages (every availability.release_check_s seconds, 30 by default).
+    """
+    date = _holiday_day(day, json_mode)
+    holiday, check_s = _with_admin_config(
+        ctx,
+        config_path,
+        data_dir,
+        json_mode,
+        lambda config, database, now_ms: (
+            admin.remove_holiday(database, day=date, now_ms=now_ms),
+            config.availability.release_check_s,
+        ),
+    )
+    if json_mode:
+        click.echo(json.dumps({"day": holiday.day.isoformat(), "name": holiday.name}))
+        return
+    click.echo(f"removed the holiday on {holiday.day.isoformat()}: {_printable(holiday.name)}")
+    click.echo(
+        f"a running server delivers messages held because of it within {check_s:g} s "
+        "(availability.release_check_s)"
+    )
+
+
+@holiday_group.command(name="list")
+@_location_options
+@_json_option
+@click.pass_context
+def holiday_list(
+    ctx: click.Context, *, config_path: Path | None, data_dir: Path | None, json_mode: bool
+) -> None:
+    """List every holiday, past and coming, in date order."""
+    found = _with_admin_database(
+        ctx, config_path, data_dir, json_mode, lambda database, _now_ms: admin.holidays(database)
+    )
+    if json_mode:
+        click.echo(
+            json.dumps({"holidays": [{"day": h.day.isoformat(), "name": h.name} for h in found]})
+        )
+        return
+    if not found:
+        click.echo("no holidays")
+    for holiday in found:
+        click.echo(f"{holiday.day.isoformat()}  {_printable(holiday.name)}")
+
+
+def _printable(text: str) -> str:
+    # What the database holds was checked when written, unless someone edited it since: never
+    # let it send terminal escapes to the operator's screen.
+    return text if text.isprintable() else ascii(text)
 
 
 # --- audit ---------------------------------------------------------------------------------------

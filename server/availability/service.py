@@ -5,11 +5,19 @@ Each request is one transaction that applies the policy table (`medrelay.server.
 requester and target and refuses bad input with `invalid_field` before it writes anything. A
 schedule or roster change asks the relay to re-check held messages at once: a clinician who
 declares themselves available, or whose hours now include the present, gets what was waiting.
+
+Every change appends its audit record (`schedule_set`, `roster_add`, `roster_remove`) in its own
+transaction; a change the policy table forbids is recorded as refused (the attempt commits, the
+change does not), as refused care-link changes are. Invalid input is answered but not recorded.
+The record names the fields a schedule change set, never their values: an automatic reply's
+text, absences and hours stay out of the audit log.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
+import unicodedata
 from collections.abc import Callable
 from typing import Final
 
@@ -33,8 +41,10 @@ from medrelay.protocol.messages import (
     RosterShift,
     ScheduleSet,
 )
+from medrelay.server import audit
 from medrelay.server.availability.offhours import OffHours
 from medrelay.server.availability.schedule import Absence, Interval, Schedule, ScheduleError
+from medrelay.server.enrollment import MAX_PROFILE_FIELD_CHARS
 from medrelay.server.policy import Relationship, RequestType, authorize, authorize_standing
 from medrelay.server.relay.errors import RelayError, unknown_user
 from medrelay.server.relay.store import DeviceRecord
@@ -46,6 +56,8 @@ _CLINICIANS: Final = frozenset({Role.DOCTOR.value, Role.NURSE.value})
 MAX_OVERRIDE_MS: Final = 24 * 3600 * 1000
 """"Available now until ..." reaches at most a day ahead."""
 MAX_SHIFT_MS: Final = 14 * 24 * 3600 * 1000
+_UNPRINTABLE: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+"""Control, formatting (bidirectional overrides), surrogate and line-breaking characters."""
 
 
 def _invalid(field: str, problem: str) -> RelayError:
@@ -202,9 +214,31 @@ def schedule_set_txn(
         available_until_ms=available_until,
         absence_list=absence_list,
     )
+    audit.append_audit_txn(
+        conn,
+        actor=device.username,
+        action=audit.AuditAction.SCHEDULE_SET,
+        target=message.user,
+        result=audit.AuditResult.OK,
+        now_ms=now,
+        detail=schedule_fields(message),
+    )
     if not clinician:
         return _patient_answer(conn, device, message, offhours)
     return availability_txn(conn, device, message.user, message.rid, offhours, now=now)
+
+
+def schedule_fields(message: ScheduleSet) -> str:
+    """The audit detail of a schedule change: which fields it set (by their protocol names),
+    never their values."""
+    present = (
+        ("tz", message.time_zone),
+        ("hours", message.hours),
+        ("autoreply", message.autoreply),
+        ("until", message.available_until_ms),
+        ("absences", message.absences),
+    )
+    return "fields=" + (",".join(name for name, value in present if value is not None) or "none")
 
 
 def _patient_answer(
@@ -246,13 +280,17 @@ def roster_add_txn(conn: Connection, device: DeviceRecord, message: RosterAdd, n
     department = message.department.strip()
     if not department:
         raise _invalid("department", "must not be empty")
+    if len(department) > MAX_PROFILE_FIELD_CHARS:
+        raise _invalid("department", f"longer than {MAX_PROFILE_FIELD_CHARS} characters")
+    if any(unicodedata.category(c) in _UNPRINTABLE for c in department):
+        raise _invalid("department", "control characters are not allowed")
     if not message.starts_ms < message.ends_ms:
         raise _invalid("ends", "a shift must end after it starts")
     if message.ends_ms <= now:
         raise _invalid("ends", "this shift is already over")
     if message.ends_ms - message.starts_ms > MAX_SHIFT_MS:
         raise _invalid("ends", "a shift lasts at most 14 days")
-    store.add_shift_txn(
+    shift = store.add_shift_txn(
         conn,
         account.pk,
         department,
@@ -260,6 +298,19 @@ def roster_add_txn(conn: Connection, device: DeviceRecord, message: RosterAdd, n
         message.ends_ms,
         now_ms=now,
         created_by=device.username,
+    )
+    audit.append_audit_txn(
+        conn,
+        actor=device.username,
+        action=audit.AuditAction.ROSTER_ADD,
+        target=message.clinician,
+        result=audit.AuditResult.OK,
+        now_ms=now,
+        # The department last: it is free text, and nothing after it can be mistaken for it.
+        detail=(
+            f"shift={shift}; from={audit.utc_text(message.starts_ms)}; "
+            f"to={audit.utc_text(message.ends_ms)}; department={department}"
+        ),
     )
     return _shifts(conn, message.rid, now)
 
@@ -273,8 +324,18 @@ def roster_remove_txn(
     )
     if refused is not None:
         raise refused
-    if store.remove_shift_txn(conn, message.shift) is None:
+    removed = store.remove_shift_txn(conn, message.shift)
+    if removed is None:
         raise RelayError(ErrorCode.NOT_FOUND, f"no on-call shift {message.shift}")
+    audit.append_audit_txn(
+        conn,
+        actor=device.username,
+        action=audit.AuditAction.ROSTER_REMOVE,
+        target=removed.clinician,
+        result=audit.AuditResult.OK,
+        now_ms=now,
+        detail=f"shift={removed.pk}",
+    )
     return _shifts(conn, message.rid, now)
 
 
@@ -286,6 +347,39 @@ def roster_get_txn(conn: Connection, device: DeviceRecord, message: RosterGet, n
     if refused is not None:
         raise refused
     return _shifts(conn, message.rid, message.after_ms if message.after_ms is not None else now)
+
+
+def audited_change_txn(
+    conn: Connection,
+    change: Callable[[Connection], Message],
+    /,
+    *,
+    device: DeviceRecord,
+    action: audit.AuditAction,
+    target: str,
+    detail: str,
+    now: int,
+) -> Message | RelayError:
+    """Run `change` (which audits what it does). If the policy table forbids it (`forbidden`),
+    nothing it did is kept, the attempt is audited as refused, and the error is RETURNED, so
+    that this transaction commits the record; other errors are raised (nothing is recorded)."""
+    try:
+        with conn.begin_nested():
+            return change(conn)
+    except RelayError as exc:
+        if exc.code is not ErrorCode.FORBIDDEN:
+            raise
+        refusal = exc
+    audit.append_audit_txn(
+        conn,
+        actor=device.username,
+        action=action,
+        target=target,
+        result=audit.AuditResult.REFUSED,
+        now_ms=now,
+        detail=f"{detail}; reason=forbidden" if detail else "reason=forbidden",
+    )
+    return refusal
 
 
 AvailabilityRequest = AvailabilityGet | ScheduleSet | RosterAdd | RosterRemove | RosterGet
@@ -314,7 +408,6 @@ class AvailabilityService:
 
     def handle(self, device: DeviceRecord, message: AvailabilityRequest) -> Deferred[Message]:
         now = self.now_ms()
-        answer: Deferred[Message]
         if isinstance(message, AvailabilityGet):
             return self._database.run_interaction(
                 "availability_get",
@@ -325,24 +418,40 @@ class AvailabilityService:
                 self.offhours,
                 now=now,
             )
+        change: Callable[[Connection], Message]
         if isinstance(message, ScheduleSet):
-            answer = self._database.run_interaction(
-                "schedule_set", schedule_set_txn, device, message, self.offhours, now
+            change = functools.partial(
+                schedule_set_txn, device=device, message=message, offhours=self.offhours, now=now
+            )
+            action, target, detail = (
+                audit.AuditAction.SCHEDULE_SET,
+                message.user,
+                schedule_fields(message),
             )
         elif isinstance(message, RosterAdd):
-            answer = self._database.run_interaction(
-                "roster_add", roster_add_txn, device, message, now
-            )
+            change = functools.partial(roster_add_txn, device=device, message=message, now=now)
+            action, target, detail = audit.AuditAction.ROSTER_ADD, message.clinician, ""
         elif isinstance(message, RosterRemove):
-            answer = self._database.run_interaction(
-                "roster_remove", roster_remove_txn, device, message, now
-            )
+            change = functools.partial(roster_remove_txn, device=device, message=message, now=now)
+            action, target, detail = audit.AuditAction.ROSTER_REMOVE, "", f"shift={message.shift}"
         else:
             return self._database.run_interaction(
                 "roster_get", roster_get_txn, device, message, now
             )
+        answer: Deferred[Message | RelayError] = self._database.run_interaction(
+            message.TYPE,
+            audited_change_txn,
+            change,
+            device=device,
+            action=action,
+            target=target,
+            detail=detail,
+            now=now,
+        )
 
-        def changed(result: Message) -> Message:
+        def changed(result: Message | RelayError) -> Message:
+            if isinstance(result, RelayError):
+                raise result  # audited as refused, and committed
             self._changed()
             return result
 

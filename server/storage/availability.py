@@ -202,6 +202,14 @@ def set_schedule_txn(
 # --- holidays -----------------------------------------------------------------------------------
 
 
+def holiday_txn(conn: Connection, day: datetime.date) -> str | None:
+    """The name of the holiday on `day`, or None."""
+    name = conn.execute(
+        sa.select(holidays.c.name).where(holidays.c.day == day.isoformat())
+    ).scalar()
+    return None if name is None else str(name)
+
+
 def set_holiday_txn(conn: Connection, day: datetime.date, name: str) -> None:
     conn.execute(sa.delete(holidays).where(holidays.c.day == day.isoformat()))
     conn.execute(sa.insert(holidays).values(day=day.isoformat(), name=name))

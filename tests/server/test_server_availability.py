@@ -28,6 +28,7 @@ from medrelay.protocol.messages import (
     Send,
     Sent,
 )
+from medrelay.server.admin import remove_holiday_audited_txn, set_holiday_audited_txn
 from medrelay.server.availability.offhours import AvailabilityConfig, OffHours, OffHoursPolicy
 from medrelay.server.availability.schedule import Interval
 from medrelay.server.policy import Relationship
@@ -170,6 +171,30 @@ def test_held_at_night_delivered_at_opening_in_order_once(world: World) -> None:
     world.advance_to(_at(24, 10))
     assert _items(doctor.take()) == []
     assert world.sql.run(availability_store.held_counts_txn) == 0
+
+
+def test_a_holiday_closes_the_day_and_its_removal_is_seen_at_the_next_check(
+    world: World,
+) -> None:
+    """A holiday on Tuesday holds Monday night's message until Wednesday's opening. Removed on
+    Tuesday morning (`admin holiday remove` on a running server), the message goes out at the
+    relay's next periodic check of held messages (release_check_s: an hour here), not before."""
+    tuesday = datetime.date(2026, 11, 24)
+    world.sql.run(set_holiday_audited_txn, day=tuesday, name="Clinic day", now_ms=world.now_ms())
+    doctor = world.relay.online(world.relay.device("doc", "d1"))
+    patient = world.relay.online(world.relay.device("pat", "p1"))
+    _send(patient, b"\x0a" * 16, [("doc", "d1")])
+    world.relay.settle()
+    (sent,) = _answers(patient.take())
+    assert isinstance(sent, Sent) and sent.held
+    assert sent.reads_at_ms == int(_at(25, 9) * 1000)  # Wednesday 09:00: Tuesday is closed
+    world.advance_to(_at(24, 10, 30))
+    assert _items(doctor.take()) == []
+    world.sql.run(remove_holiday_audited_txn, day=tuesday, now_ms=world.now_ms())
+    world.advance_to(_at(24, 10, 59))
+    assert _items(doctor.take()) == []
+    world.advance_to(_at(24, 11))
+    assert [i.message_id for i in _items(doctor.take())] == [b"\x0a" * 16]
 
 
 def test_one_signed_auto_reply_per_window(world: World) -> None:

@@ -290,13 +290,23 @@ def shifts_txn(conn: Connection, after_ms: int, limit: int) -> list[Shift]:
 
 def on_call_txn(conn: Connection, department: str, now_ms: int) -> Shift | None:
     """Who is on call for `department` now: of the shifts in force, the one that started last
-    (a relief takes over from the shift it overlaps), only active accounts."""
+    (a relief takes over from the shift it overlaps), only active accounts with a device that
+    can receive. (An on-call clinician nobody can reach is nobody: the patient is told to call
+    the emergency numbers rather than that their urgent message reached someone.)"""
+    reachable = (
+        sa.select(devices.c.pk)
+        .where(
+            devices.c.account_pk == on_call_shifts.c.clinician_pk, devices.c.revoked_at.is_(None)
+        )
+        .exists()
+    )
     row = conn.execute(
         _SHIFTS.where(
             on_call_shifts.c.department == department,
             on_call_shifts.c.starts_at <= now_ms,
             on_call_shifts.c.ends_at > now_ms,
             accounts.c.status == "active",
+            reachable,
         )
         .order_by(on_call_shifts.c.starts_at.desc(), on_call_shifts.c.pk.desc())
         .limit(1)

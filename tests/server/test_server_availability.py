@@ -299,6 +299,37 @@ def test_urgent_with_nobody_on_call_tells_the_patient_to_call(world: World) -> N
     assert "call 103 or 112 now" in notice.text
 
 
+def test_an_on_call_clinician_without_a_device_counts_as_nobody(world: World) -> None:
+    """A roster may name a clinician who has not enrolled yet: nobody could read an urgent
+    message, so the patient is told at once to call the emergency numbers (and is never asked
+    to address devices that do not exist)."""
+    world.relay.device("doc", "d1")
+    patient = world.relay.online(world.relay.device("pat", "p1"))
+    now = world.now_ms()
+    world.sql.run(
+        availability_store.add_shift_txn,
+        world.pk("oncall"),
+        "cardiology",
+        now - 3_600_000,
+        now + 8 * 3_600_000,
+        now_ms=now,
+        created_by="registrar",
+    )
+    assert world.sql.run(availability_store.on_call_txn, "cardiology", now) is None
+    _send(patient, b"\x0a" * 16, [("doc", "d1")], urgent=True)
+    world.relay.settle()
+    messages = patient.take()
+    (sent,) = _answers(messages)
+    assert isinstance(sent, Sent) and sent.on_call is None
+    (item,) = [i for i in _items(messages) if i.kind == "notice"]
+    assert item.ciphertext is not None
+    assert ClinicNotice.decode(item.ciphertext).kind is NoticeKind.URGENT_UNROUTED
+    # Once they enroll a device, they are on call.
+    world.relay.device("oncall", "o1")
+    shift = world.sql.run(availability_store.on_call_txn, "cardiology", world.now_ms())
+    assert shift is not None and shift.clinician == "oncall"
+
+
 def test_deliver_silently_flags_instead_of_holding(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

@@ -9,12 +9,15 @@ opening at once (docs/protocol.md §17).
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from live_server import LiveServer, Person, enroll
+
+from medrelay.protocol.hours import hhmm
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +38,16 @@ def far_hours() -> str:
     return f"{DAYS[day]} 09:00-10:00"
 
 
+def opening_soon(lead_s: float = 45.0) -> tuple[str, float]:
+    """Hours that open at the first whole minute at least `lead_s` from now (UTC) and last an
+    hour (or to midnight), and that opening as a Unix time."""
+    now = datetime.datetime.now(datetime.UTC)
+    opening = (now + datetime.timedelta(seconds=lead_s + 60)).replace(second=0, microsecond=0)
+    start = opening.hour * 60 + opening.minute
+    end = min(start + 60, 24 * 60)
+    return f"{DAYS[opening.weekday()]} {hhmm(start)}-{hhmm(end)}", opening.timestamp()
+
+
 def in_an_hour_utc() -> str:
     return (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)).strftime("%H:%M")
 
@@ -48,11 +61,17 @@ def clinic_notices(sent: dict[str, Any]) -> list[dict[str, Any]]:
 def test_held_at_night_then_delivered_once_in_order_when_hours_begin_across_a_restart(
     live: LiveServer, tmp_path: Path
 ) -> None:
+    """The doctor's hours begin about a minute after the patient writes; the server is
+    restarted meanwhile; at the opening its own timer moves the held messages to the queue."""
     doctor = enroll(live, tmp_path, "dr.ivanova", "doctor")
     patient = enroll(live, tmp_path, "petrov", "patient")
     live.link("petrov", "dr.ivanova")
-    shown = doctor.json("hours", "set", far_hours(), "--tz", "UTC")
+    hours, opening = opening_soon()
+    shown = doctor.json("hours", "set", hours, "--tz", "UTC")
     assert (shown["scheduled"], shown["available_now"]) == (True, False)
+    assert shown["changes_at"] == datetime.datetime.fromtimestamp(opening, datetime.UTC).isoformat(
+        timespec="milliseconds"
+    ).replace("+00:00", "Z")
     doctor.run("autoreply", "set", "Dr. Ivanova reads messages from {reads_at}. {emergency}")
     seen = patient.json("hours", "show", "dr.ivanova")
     assert seen["available_now"] is False and seen["autoreply"] is None  # not the patient's
@@ -75,10 +94,14 @@ def test_held_at_night_then_delivered_once_in_order_when_hours_begin_across_a_re
     assert doctor.inbox() == []  # held: nothing reaches the doctor at night
     live.stop()
     live.start()
+    assert time.time() < opening, "the test was too slow to see the hold before the opening"
     assert doctor.inbox() == []  # still held after the restart
 
-    doctor.run("hours", "available-until", in_an_hour_utc(), "--json")
-    received = doctor.inbox()
+    time.sleep(max(0.0, opening - time.time()))  # real time: the server's own timer is tested
+    received: list[dict[str, Any]] = []
+    deadline = opening + 30
+    while not received and time.time() < deadline:  # bounded: the opening plus 30 s
+        received = doctor.inbox()
     assert [m["text"] for m in received] == texts
     assert all({"after_hours", "held"} <= set(m["flags"]) for m in received)
     assert doctor.inbox() == []  # exactly once

@@ -1332,18 +1332,27 @@ class Receiver:
              if m.outgoing and m.sender_user == own_user),
             None,
         )  # fmt: skip
+        recipients = (
+            () if about is None else SignedContent.decode(about.signed_content).content.recipients
+        )
         if (
             notice.in_reply_to != item.message_id
             or notice.clinician != item.user
-            or about is None
-            or not SignedContent.decode(about.signed_content).content.is_addressed_to(
-                notice.clinician
-            )
+            or notice.clinician not in recipients
         ):
             return self._failure_txn(
                 conn,
                 item,
                 "a clinic notice about a message this profile did not send to that clinician",
+            )
+        if notice.on_call is not None and notice.on_call not in recipients:
+            # We encrypted the urgent message to whoever we were told is on call: a notice
+            # naming someone else would tell the patient a wrong name.
+            return self._failure_txn(
+                conn,
+                item,
+                f"a clinic notice naming {notice.on_call} as on call, but the urgent message "
+                "went to someone else",
             )
         row = insert_notice_txn(
             conn,

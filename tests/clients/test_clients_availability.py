@@ -112,10 +112,15 @@ def test_a_notice_for_another_patient_or_an_unknown_message_is_refused(
     # Signed for this patient, but about a message they never sent to that clinician.
     relay.push_notice("patient", "oncall", sent.message_id, NoticeKind.AUTO_REPLY, AWAY)
     relay.push_notice("patient", "doctor", bytes(16), NoticeKind.AUTO_REPLY, AWAY)
+    # Naming an on-call clinician the urgent message never went to.
+    other = world.run(patient.send_message("doctor", "and another thing"))
+    elsewhere = FakeAvailability(open_now=False, on_call="oncall")
+    relay.push_notice("patient", "doctor", other.message_id, NoticeKind.URGENT_ROUTED, elsewhere)
     failed = notices(inbox(world, patient))
-    assert [n.kind for n in failed] == [KIND_FAILED] * 3
+    assert [n.kind for n in failed] == [KIND_FAILED] * 4
     assert "addressed to another user" in failed[0].reason
-    assert all("did not send" in n.reason for n in failed[1:])
+    assert all("did not send" in n.reason for n in failed[1:3])
+    assert "naming oncall as on call" in failed[3].reason
 
 
 def test_an_urgent_message_is_signed_for_and_encrypted_to_the_clinician_on_call(

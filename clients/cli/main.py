@@ -799,6 +799,7 @@ def _change_schedule(
     options: Options,
     user: str | None,
     change: Callable[[EngineApi, str], Deferred[ScheduleChange]] | ScheduleChange,
+    show: Callable[[AvailabilityView], str] = output.availability_lines,
 ) -> None:
     """Apply `change` (or what it computes from the engine) to `user`'s schedule (default:
     the profile's own), then show the schedule as the relay now has it."""
@@ -808,7 +809,8 @@ def _change_schedule(
         wanted = change if isinstance(change, ScheduleChange) else await change(engine, target)
         return await engine.set_schedule(target, wanted)
 
-    _show_availability(options, options.with_engine(lambda e: Deferred.fromCoroutine(use(e))))
+    view = options.with_engine(lambda e: Deferred.fromCoroutine(use(e)))
+    options.emit(output.availability_json(view), show(view))
 
 
 @cli.group()
@@ -1005,7 +1007,12 @@ def timezone(
     """Set your time zone (IANA, e.g. Asia/Novosibirsk): clinicians' hours are in it, and
     automatic replies tell patients times in theirs."""
     options = _options(ctx, profile, json_mode)
-    _change_schedule(options, user, ScheduleChange(time_zone=zone))
+    _change_schedule(
+        options,
+        user,
+        ScheduleChange(time_zone=zone),
+        show=lambda view: f"{view.user_id}: time zone {view.time_zone}",
+    )
 
 
 @cli.group()

@@ -176,6 +176,8 @@ class RelayWebSocketFactory(WebSocketServerFactory):
             trustXForwardedFor=trust_x_forwarded_for,
             # Our frames are small and latency matters more than packing.
             tcpNoDelay=True,
+            # Text messages are refused unread (onMessage): no UTF-8 validator per message.
+            utf8validateIncoming=False,
         )
 
 

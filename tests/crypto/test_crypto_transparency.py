@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import pytest
+from clinic_log import ClinicLog
 
 from medrelay.crypto import merkle
 from medrelay.crypto.certificates import (
-    ClinicKeyCertificate,
     ClinicKeyPurpose,
     DeviceCertificate,
     Role,
@@ -30,7 +30,6 @@ from medrelay.crypto.transparency import (
     audit_log,
     issue_revocation,
     log_origin,
-    next_event,
     replay_user_events,
 )
 
@@ -40,43 +39,10 @@ YEAR = 365 * 24 * 3600 * 1000
 
 
 @dataclass
-class Clinic:
-    rng: Rng
-    root: SigningKey = field(init=False)
-    issuing: SigningKey = field(init=False)
-    log: SigningKey = field(init=False)
-    certificates: list[ClinicKeyCertificate] = field(default_factory=list)
-    leaves: list[bytes] = field(default_factory=list)
-    heads: dict[str, LogEvent] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.root = SigningKey.generate(self.rng)
-        self.issuing = self.new_key(ClinicKeyPurpose.ISSUING)
-        self.log = self.new_key(ClinicKeyPurpose.LOG)
-
-    def new_key(self, purpose: ClinicKeyPurpose) -> SigningKey:
-        key = SigningKey.generate(self.rng)
-        cert = issue_clinic_key_certificate(
-            self.root,
-            clinic_id=CLINIC,
-            purpose=purpose,
-            key=key.verify_key,
-            not_before_ms=T0,
-            not_after_ms=T0 + 5 * YEAR,
-            serial=len(self.certificates),
-        )
-        self.certificates.append(cert)
-        self.append(EventKind.CLINIC_KEY_CERTIFIED, CLINIC_SUBJECT, cert.encode())
-        return key
-
-    def trust(self) -> ClinicTrust:
-        return ClinicTrust.build(CLINIC, self.root.verify_key, self.certificates)
-
-    def append(self, kind: EventKind, subject: str, payload: bytes) -> LogEvent:
-        event = next_event(self.heads.get(subject), kind, subject, T0 + len(self.leaves), payload)
-        self.heads[subject] = event
-        self.leaves.append(event.encode())
-        return event
+class Clinic(ClinicLog):
+    clinic_id: str = CLINIC
+    t0: int = T0
+    keys_from: int = T0
 
     def certify(
         self, user_id: str, identity: SigningKey, previous: UserCertificate | None = None

@@ -38,6 +38,12 @@ message (index and id, never its text), user or log event:
    previous one of the same sender as `previous_hash` (the first may point before the range);
 7. the conclusion message id, when given, is one of the bundle's messages.
 
+The visit header (visit id, indication, times, conclusion id) is not signed inside the bundle:
+it is the claim of whoever built it, checked only for consistency with the messages. The bundle
+must therefore reach the gateway as the content of a message signed by the clinician's device
+(whose sender the gateway compares with `visit.clinician`), or, for a bundle stored on its own,
+carry the clinician's signature over its header and message hashes (not yet implemented).
+
 What it cannot show: that the log holds no event of a sender *after* the last one in the bundle
 (a log proves inclusion, not absence; the gateway checks the live log for that), that a stolen
 device did not backdate `sent_at_ms` (step 5's log-view check narrows it), and that nothing was

@@ -509,6 +509,28 @@ def test_every_truncation_of_a_valid_encoding_is_malformed(world: World) -> None
             RecordBundle.decode(data[:length])
 
 
+def test_a_changed_byte_in_the_proven_part_is_refused_cleanly(world: World) -> None:
+    """The gateway decodes bundles from the network: every single-bit change of a valid bundle
+    after its visit header (a sample of positions across the thread id, checkpoint, keys,
+    evidence and messages, every bit of each) is refused as malformed or as unproven, never
+    accepted and never an exception of another kind. (The visit header is the builder's claim:
+    the module docstring says who must vouch for it.)"""
+    data = world.bundle(exchange(world)[:2]).encode()
+    start = data.index(world.thread_id)
+    step = max(1, (len(data) - start) // 300)
+    positions = sorted({*range(start, len(data), step), len(data) - 1})
+    for position in positions:
+        for bit in range(8):
+            changed = bytearray(data)
+            changed[position] ^= 1 << bit
+            try:
+                bundle = RecordBundle.decode(bytes(changed))
+            except MalformedEncoding:
+                continue
+            with pytest.raises(ProofError):
+                world.verify(bundle)
+
+
 def test_garbage_trailing_bytes_and_other_versions_are_malformed(world: World) -> None:
     data = world.bundle(exchange(world)[:2]).encode()
     for bad in (

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -43,6 +42,7 @@ from medrelay.server.storage.database import (
 )
 from medrelay.server.storage.errors import AccountExists, StorageError
 from medrelay.server.storage.migrate import current_revision, head_revision, upgrade_to_head
+from medrelay.server.text import has_unprintable
 
 _T = TypeVar("_T")
 
@@ -461,8 +461,6 @@ def links(database: Database, *, username: str, now_ms: int) -> list[LinkView]:
 
 MAX_HOLIDAY_NAME_CHARS: Final = 100
 _ISO_DAY: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-_UNPRINTABLE: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-"""Control, formatting (bidirectional overrides), surrogate and line-breaking characters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,7 +488,7 @@ def check_holiday_name(name: str) -> str:
         raise AdminError("the holiday's name must not be empty")
     if len(name) > MAX_HOLIDAY_NAME_CHARS:
         raise AdminError(f"the holiday's name is longer than {MAX_HOLIDAY_NAME_CHARS} characters")
-    if any(unicodedata.category(c) in _UNPRINTABLE for c in name):
+    if has_unprintable(name):
         raise AdminError("the holiday's name contains control characters")
     return name
 

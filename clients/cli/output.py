@@ -162,7 +162,12 @@ def message_line(view: MessageView) -> str:
 
 def notice_line(view: NoticeView) -> str:
     when = iso_time(view.server_ms)
-    if view.kind in CLINIC_NOTICE_KINDS and view.clinic is not None:
+    if view.kind in CLINIC_NOTICE_KINDS:
+        if view.clinic is None:  # verified on arrival, but its stored copy no longer decodes
+            return (
+                f"[{when}] automatic clinic notice about your message to {view.user_id}: "
+                f"{safe(view.reason)}"
+            )
         return _clinic_line(when, view)
     if view.kind == KIND_SECURITY:
         return f"[{when}] !!! {safe(view.reason)}"

@@ -116,7 +116,6 @@ from medrelay.crypto.certificates import (
 from medrelay.crypto.content import (
     KIND_TEXT,
     MAX_ATTACHMENTS,
-    MAX_RECIPIENTS,
     MAX_TEXT_BYTES,
     Content,
     LogView,
@@ -958,8 +957,6 @@ class Messenger:
         on call now and sign the same message (id, thread, time, previous hash) for them."""
         _, content = await self._own_queued(entry)
         recipients = await self._recipients(entry.peer_user, urgent=True)
-        if len(recipients) > MAX_RECIPIENTS:
-            raise ClientError(LocalCode.NOT_SENT, "too many recipients")
         for user_id in (*recipients, self._own.user_id):
             await self._directory.user(user_id, refresh=True)
         readdressed = dataclasses.replace(content, recipients=recipients)
@@ -1412,8 +1409,12 @@ def clinic_view(notice: ClinicNotice) -> ClinicNoticeView:
 def notice_view(notice: StoredNotice) -> NoticeView:
     clinic = None
     if notice.kind in CLINIC_NOTICE_KINDS and notice.detail is not None:
-        # Verified when it arrived; decoded again only to show it.
-        clinic = clinic_view(ClinicNotice.decode(notice.detail))
+        # Verified when it arrived; decoded again only to show it. A damaged row shows as a
+        # plain notice rather than breaking every later `inbox`.
+        try:
+            clinic = clinic_view(ClinicNotice.decode(notice.detail))
+        except CryptoError:
+            clinic = None
     return NoticeView(
         notice.kind,
         notice.message_id,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import unicodedata
 from collections.abc import Callable
 from typing import Final
 
@@ -51,13 +50,12 @@ from medrelay.server.relay.store import DeviceRecord
 from medrelay.server.storage import availability as store
 from medrelay.server.storage import care as care_store
 from medrelay.server.storage.database import Database
+from medrelay.server.text import has_unprintable
 
 _CLINICIANS: Final = frozenset({Role.DOCTOR.value, Role.NURSE.value})
 MAX_OVERRIDE_MS: Final = 24 * 3600 * 1000
 """"Available now until ..." reaches at most a day ahead."""
 MAX_SHIFT_MS: Final = 14 * 24 * 3600 * 1000
-_UNPRINTABLE: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-"""Control, formatting (bidirectional overrides), surrogate and line-breaking characters."""
 
 
 def _invalid(field: str, problem: str) -> RelayError:
@@ -282,7 +280,7 @@ def roster_add_txn(conn: Connection, device: DeviceRecord, message: RosterAdd, n
         raise _invalid("department", "must not be empty")
     if len(department) > MAX_PROFILE_FIELD_CHARS:
         raise _invalid("department", f"longer than {MAX_PROFILE_FIELD_CHARS} characters")
-    if any(unicodedata.category(c) in _UNPRINTABLE for c in department):
+    if has_unprintable(department):
         raise _invalid("department", "control characters are not allowed")
     if not message.starts_ms < message.ends_ms:
         raise _invalid("ends", "a shift must end after it starts")

@@ -250,3 +250,18 @@ def test_a_profile_of_schema_1_is_upgraded_when_opened(world: ClientWorld) -> No
         columns = {row[1] for row in conn.execute("PRAGMA table_info(notices)")}
     conn.close()
     assert version == (2,) and "detail" in columns
+
+
+def test_a_damaged_stored_notice_shows_plainly_instead_of_breaking_the_inbox(
+    world: ClientWorld, people: tuple[Engine, Engine, Engine]
+) -> None:
+    patient, _, _ = people
+    world.relay.availability["doctor"] = AWAY
+    world.run(patient.send_message("doctor", "hello"))
+    world.run(patient.sync())
+    with sqlite3.connect(database_path(world.profile_dir("patient"))) as conn:
+        conn.execute("UPDATE notices SET detail = x'00'")
+    conn.close()
+    (notice,) = notices(world.run(patient.unread()))
+    assert notice.kind == KIND_AUTO_REPLY and notice.clinic is None
+    assert notice.reason.startswith("doctor is away")

@@ -52,3 +52,11 @@ MAX_ROSTER_SHIFTS: Final = 500
 """Shifts in one `roster` answer."""
 MAX_NOTICE_SIZE: Final = 4096
 """A signed clinic notice (medrelay.crypto.notices)."""
+MAX_VISIT_ID_BYTES: Final = 32
+"""A visit id (the server makes them: short, readable, typed by hand in the CLI)."""
+MAX_INDICATION_CODE_BYTES: Final = 64
+"""A teleconsultation indication's code (the clinic's configured list)."""
+MAX_INDICATIONS: Final = 32
+"""Indications a clinic may allow."""
+MAX_VISITS: Final = 200
+"""Visits in one `visits` answer (newest first)."""

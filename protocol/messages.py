@@ -46,6 +46,8 @@ from medrelay.protocol.limits import (
     MAX_ENVELOPES_PER_SEND,
     MAX_HOURS_INTERVALS,
     MAX_ID_BYTES,
+    MAX_INDICATION_CODE_BYTES,
+    MAX_INDICATIONS,
     MAX_ITEMS_PER_DELIVER,
     MAX_LOG_EVENT_SIZE,
     MAX_LOG_SIZES,
@@ -56,6 +58,8 @@ from medrelay.protocol.limits import (
     MAX_QUERY_BYTES,
     MAX_ROSTER_SHIFTS,
     MAX_USER_LOG_EVENTS,
+    MAX_VISIT_ID_BYTES,
+    MAX_VISITS,
     MESSAGE_ID_SIZE,
     SIGNATURE_SIZE,
     TOKEN_SIZE,
@@ -78,6 +82,11 @@ ACCOUNT_ROLES: Final = ("patient", "doctor", "nurse", "registrar", "admin")
 _ZONE = Text(64)
 """An IANA time-zone name (checked by the server against its zone database)."""
 OFF_HOURS_POLICIES: Final = ("hold", "deliver-silently")
+CONSENT_MODES: Final = ("notice", "explicit")
+"""How a visit's patient agrees to the thread being saved in their record: told in the thread
+(`notice`), or confirming in the thread before anything is saved (`explicit`)."""
+_VISIT_ID = Text(MAX_VISIT_ID_BYTES, identifier=True)
+_INDICATION = Text(MAX_INDICATION_CODE_BYTES, identifier=True)
 
 
 class Direction(enum.Enum):
@@ -230,6 +239,30 @@ class RosterShift(Struct):
     department: str = wire("department", Text(MAX_NAME_BYTES))
     starts_ms: int = wire("starts", _TIME_MS)
     ends_ms: int = wire("ends", _TIME_MS)
+
+
+@dataclass(frozen=True, slots=True)
+class Indication(Struct):
+    """One reason the clinic allows a teleconsultation for: a code and its display text."""
+
+    code: str = wire("code", _INDICATION)
+    name: str = wire("name", Text(MAX_NAME_BYTES))
+
+
+@dataclass(frozen=True, slots=True)
+class VisitInfo(Struct):
+    """A teleconsultation visit as the server keeps it: who, why, its thread and its times. The
+    conclusion itself travels end to end as a message of the thread; the server keeps its id."""
+
+    visit: str = wire("id", _VISIT_ID)
+    thread: bytes = wire("thread", _MESSAGE_ID)
+    patient: str = wire("patient", _USER)
+    clinician: str = wire("clinician", _USER)
+    indication: str = wire("indication", _INDICATION)
+    consent: str = wire("consent", Choice(frozenset(CONSENT_MODES)))
+    opened_ms: int = wire("opened", _TIME_MS)
+    closed_ms: int | None = wire("closed", _TIME_MS, optional=True)
+    conclusion: bytes | None = wire("conclusion", _MESSAGE_ID, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +470,42 @@ class RosterGet(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class VisitOpen(Message):
+    """A doctor opens a teleconsultation visit with a linked patient for one of the clinic's
+    indications; the server names the visit and its thread."""
+
+    TYPE: ClassVar[str] = "visit_open"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    patient: str = wire("patient", _USER)
+    indication: str = wire("indication", _INDICATION)
+
+
+@dataclass(frozen=True, slots=True)
+class VisitClose(Message):
+    """The visit's doctor closes it; `conclusion` is the id of the conclusion message already
+    sent in the visit's thread."""
+
+    TYPE: ClassVar[str] = "visit_close"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    visit: str = wire("visit", _VISIT_ID)
+    conclusion: bytes = wire("conclusion", _MESSAGE_ID)
+
+
+@dataclass(frozen=True, slots=True)
+class VisitList(Message):
+    """The requester's visits (as clinician or patient), newest first; with `visit`, that one
+    visit only (the records gateway may ask about any)."""
+
+    TYPE: ClassVar[str] = "visit_list"
+    DIRECTION: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
+    rid: int = wire("rid", _RID)
+    visit: str | None = wire("visit", _VISIT_ID, optional=True)
+    open_only: bool | None = wire("open", Bool(), optional=True)
+
+
+@dataclass(frozen=True, slots=True)
 class Send(Message):
     """One message, as one ciphertext per target device; `message_id` makes resends idempotent.
     `urgent`: the sender marked it urgent; while the clinician addressed is outside their hours
@@ -640,6 +709,21 @@ class Roster(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Visits(Message):
+    """The answer to every visit request: the visits concerned, and the clinic's indications
+    and consent mode (so a client can say which codes are allowed)."""
+
+    TYPE: ClassVar[str] = "visits"
+    DIRECTION: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
+    rid: int = wire("rid", _RID)
+    visits: tuple[VisitInfo, ...] = wire("visits", ListOf(Nested(VisitInfo), MAX_VISITS))
+    indications: tuple[Indication, ...] = wire(
+        "indications", ListOf(Nested(Indication), MAX_INDICATIONS)
+    )
+    consent: str = wire("consent", Choice(frozenset(CONSENT_MODES)))
+
+
+@dataclass(frozen=True, slots=True)
 class Deliver(Message):
     """Queued items for this device, in queue order."""
 
@@ -690,6 +774,9 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
         RosterAdd,
         RosterRemove,
         RosterGet,
+        VisitOpen,
+        VisitClose,
+        VisitList,
         Send,
         Ack,
         Welcome,
@@ -704,6 +791,7 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
         LinkState,
         Availability,
         Roster,
+        Visits,
         Sent,
         Deliver,
         Error,

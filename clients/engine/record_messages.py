@@ -42,6 +42,12 @@ RECORD_BUNDLE_MEDIA_TYPE: Final = "application/vnd.medrelay.record-bundle"
 RECORDS_USER: Final = "records"
 """The username of the clinic's records gateway account, unless configured otherwise."""
 
+THREAD_EXPORT_PREFIX: Final = "thread-"
+"""Visit ids of bundles that export a thread's time range rather than a server visit
+(`thread-<first 16 hex digits of the thread id>-<from ms>`): there is no server visit to compare
+them with, and their indication is `INDICATION_UNSPECIFIED`."""
+INDICATION_UNSPECIFIED: Final = "unspecified"
+
 RECEIPT_SAVED: Final = "saved"
 RECEIPT_FAILED: Final = "failed"
 _RECEIPT_STATUSES: Final = frozenset({RECEIPT_SAVED, RECEIPT_FAILED})

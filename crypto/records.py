@@ -39,10 +39,11 @@ message (index and id, never its text), user or log event:
 7. the conclusion message id, when given, is one of the bundle's messages.
 
 The visit header (visit id, indication, times, conclusion id) is not signed inside the bundle:
-it is the claim of whoever built it, checked only for consistency with the messages. The bundle
-must therefore reach the gateway as the content of a message signed by the clinician's device
-(whose sender the gateway compares with `visit.clinician`), or, for a bundle stored on its own,
-carry the clinician's signature over its header and message hashes (not yet implemented).
+on its own it is the claim of whoever built it, checked only for consistency with the messages.
+The bundle therefore travels as the attachment of a `record_bundle` message signed by the
+clinician's device (clients/engine/record_messages.py): the signed attachment descriptor holds
+the bundle's SHA-256, and the gateway compares that message's sender with `visit.clinician` and
+keeps its signed content with the record.
 
 What it cannot show: that the log holds no event of a sender *after* the last one in the bundle
 (a log proves inclusion, not absence; the gateway checks the live log for that), that a stolen

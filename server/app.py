@@ -71,6 +71,7 @@ from medrelay.server.storage.relay_store import SqlRelayStore
 from medrelay.server.transparency import TransparencyLog
 from medrelay.server.transport.http import BodyLimits, MetricsPage, RelaySite, build_root
 from medrelay.server.transport.websocket import RelayWebSocketFactory, websocket_resource
+from medrelay.server.visits import VisitService
 
 _log = Logger()
 
@@ -264,6 +265,9 @@ def make_service(
         issuing_key=lambda: keys.issuing_key,
     )
     availability = AvailabilityService(database=database, clock=reactor, offhours=offhours)
+    visits = VisitService(
+        database=database, clock=reactor, rng=rng, config=config.visits, metrics=metrics
+    )
     relay = RelayService(
         store=store,
         clock=reactor,
@@ -274,6 +278,7 @@ def make_service(
         staff=staff,
         availability=availability,
         offhours=offhours,
+        visits=visits,
     )
     availability.set_changed(relay.release_held)
     enrollment = EnrollmentService(

@@ -117,6 +117,14 @@ class AuditAction(enum.StrEnum):
     HOLIDAY_REMOVE = "holiday_remove"
     """A clinic holiday was removed (refused: there was none that day). target: ""; detail:
     "day=YYYY-MM-DD"."""
+    VISIT_OPEN = "visit_open"
+    """A doctor opened a teleconsultation visit (refused: the policy table or the care link
+    forbade it, or the pair has an open visit). target: the patient; detail: "visit=<id>;
+    fields=indication,consent" (the indication is health data: named, never recorded)."""
+    VISIT_CLOSE = "visit_close"
+    """A doctor closed their visit (refused: their role may not, or it was already closed).
+    target: the patient ("" when refused before the visit was found); detail: "visit=<id>;
+    fields=conclusion" (the conclusion's message id is not recorded)."""
 
 
 class AuditResult(enum.StrEnum):

@@ -40,8 +40,12 @@ from medrelay.protocol.limits import (
     MAX_AUTOREPLY_BYTES,
     MAX_EMERGENCY_NUMBERS,
     MAX_FRAME_SIZE,
+    MAX_INDICATION_CODE_BYTES,
+    MAX_INDICATIONS,
+    MAX_NAME_BYTES,
     MAX_UNAUTHENTICATED_FRAME_SIZE,
 )
+from medrelay.protocol.messages import Indication
 from medrelay.server.availability.offhours import AvailabilityConfig, OffHoursPolicy
 from medrelay.server.availability.schedule import Schedule, ScheduleError
 from medrelay.server.relay.service import RelayConfig
@@ -142,6 +146,87 @@ class LoggingSection:
     format: LogFormat = LogFormat.JSON
 
 
+# --- [visits] (medrelay.server.visits) ----------------------------------------------------------
+
+
+class ConsentMode(enum.Enum):
+    """How a visit's patient agrees to the thread being saved in their record."""
+
+    NOTICE = "notice"
+    """The patient is told in the thread that it will be saved."""
+    EXPLICIT = "explicit"
+    """The patient confirms in the thread before anything is saved."""
+
+
+_INDICATION_CODE: Final = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def check_indication_code(code: str) -> str:
+    """`code` if it is a lowercase identifier of at most MAX_INDICATION_CODE_BYTES (ValueError
+    otherwise)."""
+    if not _INDICATION_CODE.fullmatch(code):
+        raise ValueError("must be a lowercase identifier (a-z, then a-z, 0-9, - or _)")
+    if len(code) > MAX_INDICATION_CODE_BYTES:
+        raise ValueError(f"must be at most {MAX_INDICATION_CODE_BYTES} characters")
+    return code
+
+
+def check_indication_name(name: str) -> str:
+    """`name` if it is one line of 1..MAX_NAME_BYTES bytes of UTF-8 (ValueError otherwise)."""
+    if not name.strip():
+        raise ValueError("must not be empty")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in name):
+        raise ValueError("must be one line without control characters")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise ValueError(f"must be at most {MAX_NAME_BYTES} bytes of UTF-8")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class IndicationConfig:
+    """One reason the clinic allows a teleconsultation for."""
+
+    code: str
+    name: str
+
+    def __post_init__(self) -> None:
+        check_indication_code(self.code)
+        check_indication_name(self.name)
+
+
+DEFAULT_INDICATIONS: Final = (
+    IndicationConfig("test-results", "Interpreting test results after ordered diagnostics"),
+    IndicationConfig("sick-leave-closing", "Closing a sick-leave certificate"),
+    IndicationConfig("chronic-stable-eprescription", "Stable chronic disease: e-prescriptions"),
+    IndicationConfig("dispensary-observation", "Dispensary (follow-up) observation"),
+    IndicationConfig("therapy-control", "Control of drug therapy or specialised treatment"),
+    IndicationConfig("treatment-questions", "Questions about the prescribed treatment"),
+)
+"""The repeat-teleconsultation indications regions use (../shared/DESIGN.md, "The problem")."""
+
+
+@dataclass(frozen=True, slots=True)
+class VisitsConfig:
+    """`[visits]`: the clinic's allowed indications and its consent mode."""
+
+    indications: tuple[IndicationConfig, ...] = DEFAULT_INDICATIONS
+    consent: ConsentMode = ConsentMode.NOTICE
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.indications) <= MAX_INDICATIONS:
+            raise ValueError(f"must list 1 to {MAX_INDICATIONS} indications")
+        codes = [i.code for i in self.indications]
+        if len(set(codes)) != len(codes):
+            raise ValueError("indication codes must be unique")
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        return tuple(i.code for i in self.indications)
+
+    def wire_indications(self) -> tuple[Indication, ...]:
+        return tuple(Indication(i.code, i.name) for i in self.indications)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSection
@@ -155,6 +240,7 @@ class Config:
     """Argon2id costs for enrollment codes."""
     logging: LoggingSection
     availability: AvailabilityConfig = dataclass_field(default_factory=AvailabilityConfig)
+    visits: VisitsConfig = dataclass_field(default_factory=VisitsConfig)
     source: Path | None = None
     """The TOML file read, if any."""
 
@@ -327,6 +413,7 @@ _SECTIONS: Final[dict[str, frozenset[str]]] = {
     "passwords": frozenset({"time_cost", "memory_cost_kib", "parallelism"}),
     "logging": frozenset(f.name for f in dataclasses.fields(LoggingSection)),
     "availability": frozenset(f.name for f in dataclasses.fields(AvailabilityConfig)),
+    "visits": frozenset(f.name for f in dataclasses.fields(VisitsConfig)),
 }
 _SECRET_KEYS: Final = frozenset(
     {"root_passphrase", "passphrase", "password", "secret", "tls_key", "private_key"}
@@ -558,6 +645,7 @@ def build_config(raw: Raw, *, cwd: Path) -> Config:
     )
     return Config(
         availability=_availability(read),
+        visits=_visits(read),
         server=server,
         metrics=metrics,
         storage=storage,
@@ -623,6 +711,49 @@ def _availability(read: Any) -> AvailabilityConfig:
         release_check_s=read(
             "availability", "release_check_s", _positive_number, d.release_check_s
         ),
+    )
+
+
+def _indications(key: str, value: object) -> tuple[IndicationConfig, ...]:
+    if isinstance(value, _FromEnv):
+        raise ConfigError(key, "set it in the configuration file, as [[visits.indications]] tables")
+    if not isinstance(value, list):
+        raise ConfigError(key, "must be an array of tables {code, name} ([[visits.indications]])")
+    if not 1 <= len(value) <= MAX_INDICATIONS:
+        raise ConfigError(key, f"must list 1 to {MAX_INDICATIONS} indications")
+    found: list[IndicationConfig] = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(where, "must be a table {code, name}")
+        unknown = sorted(set(item) - {"code", "name"})
+        if unknown:
+            raise ConfigError(
+                f"{where}.{unknown[0]}", "unknown setting (an indication has code and name)"
+            )
+        for field in ("code", "name"):
+            if not isinstance(item.get(field), str):
+                raise ConfigError(f"{where}.{field}", "must be a string")
+        code, name = str(item["code"]), str(item["name"])
+        try:
+            check_indication_code(code)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.code", str(exc)) from None
+        try:
+            check_indication_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.name", str(exc)) from None
+        if any(other.code == code for other in found):
+            raise ConfigError(f"{where}.code", f"{code!r} is listed twice")
+        found.append(IndicationConfig(code, name))
+    return tuple(found)
+
+
+def _visits(read: Any) -> VisitsConfig:
+    d = VisitsConfig()
+    return VisitsConfig(
+        indications=read("visits", "indications", _indications, d.indications),
+        consent=read("visits", "consent", lambda k, v: _choice(k, v, ConsentMode), d.consent),
     )
 
 

@@ -82,8 +82,16 @@ CODE_GROUP: Final = 4
 MAX_DISPLAY_NAME_CHARS: Final = 200
 """The accounts table's column widths (characters); the certificate limits are in bytes."""
 MAX_PROFILE_FIELD_CHARS: Final = 200
-CLIENT_ROLES: Final = (Role.DOCTOR, Role.NURSE, Role.PATIENT, Role.REGISTRAR, Role.ADMIN)
-"""Roles `admin add-user` creates (the records gateway's account comes with a later issue)."""
+CLIENT_ROLES: Final = (
+    Role.DOCTOR,
+    Role.NURSE,
+    Role.PATIENT,
+    Role.REGISTRAR,
+    Role.ADMIN,
+    Role.RECORDS,
+)
+"""Roles `admin add-user` creates; `records` is the clinic's records gateway account
+(docs/records.md)."""
 
 REFUSED_MESSAGE: Final = (
     "enrollment refused: the username or code is not valid, or the code has expired or "

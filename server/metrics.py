@@ -29,6 +29,7 @@ SEND_OUTCOMES: Final = (
     "forbidden",
     "server_busy",
 )
+VISIT_EVENTS: Final = ("opened", "closed")
 # Send-to-deliver latency: sub-millisecond to minutes (an offline device is delivered later).
 _LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0,
@@ -53,6 +54,7 @@ class RelayMetrics:
     auto_replies: Counter
     urgent: Counter
     first_reply: Histogram
+    visits: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> RelayMetrics:
@@ -96,6 +98,14 @@ class RelayMetrics:
         )
         for outcome in ("routed", "nobody_on_call"):
             urgent.labels(outcome)
+        visits = Counter(
+            "medrelay_visits_total",
+            "Teleconsultation visits opened and closed.",
+            ["event"],
+            registry=registry,
+        )
+        for event in VISIT_EVENTS:
+            visits.labels(event)
         return cls(
             connections=connections,
             envelopes_received=Counter(
@@ -155,4 +165,5 @@ class RelayMetrics:
                 buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800, 604800),
                 registry=registry,
             ),
+            visits=visits,
         )

@@ -1,7 +1,8 @@
 """Who may do what to whom: the one policy table that decides every request.
 
-Every authenticated client request (send, bundle_get, devices_get, log_get, prekeys_put, ack)
-and every staff action (creating and ending care links, creating accounts) is decided here, by
+Every authenticated client request (send, bundle_get, devices_get, log_get, prekeys_put, ack,
+the directory, availability and visit requests) and every staff action (creating and ending
+care links, creating accounts) is decided here, by
 `decide(request, requester role, target role, relationship)`, from `POLICY`: one row per request
 type and requester role, saying which target roles are allowed freely, which only with a care
 link in given states, and whether the request may concern the requester's own account. The
@@ -17,7 +18,13 @@ Rules of this file (docs/protocol.md, "Who may write to whom"):
 - bundle_get (it consumes one-time prekeys, so it is needed only to start sending) follows the
   send rule. devices_get and log_get (needed to verify the senders of messages already received)
   are allowed with an ACTIVE or an ENDED link, refused with none.
-- The records gateway (`records`) receives from clinicians and writes to clinicians only.
+- The records gateway (`records`) receives from clinicians only. It writes to clinicians and,
+  freely, to patients: it posts signed receipts into visit threads, which doctor and patient
+  read. A patient never writes to it, but may look up its devices and key history
+  (devices_get, log_get) to verify those receipts.
+- Teleconsultation visits (about the visit's patient): only a doctor opens one, and only with an
+  ACTIVE care link; only the visit's doctor closes it (whatever the link is by then); everyone
+  lists their own visits, and the records gateway may read any visit by its id.
 - Anything addressed to a revoked (closed) account is refused, whatever the roles.
 - A request about one's own account (a send's copies for the sender's other devices, one's own
   bundles and devices, prekeys_put, ack) is allowed for every role.
@@ -58,6 +65,9 @@ class RequestType(enum.Enum):
     AVAILABILITY_GET = "availability_get"
     SCHEDULE_SET = "schedule_set"
     ROSTER_GET = "roster_get"
+    VISIT_OPEN = "visit_open"
+    VISIT_CLOSE = "visit_close"
+    VISIT_LIST = "visit_list"
     # Staff actions (admin commands and protocol requests).
     LINK_CREATE = "link_create"
     LINK_END = "link_end"
@@ -88,6 +98,9 @@ REQUESTS_OF_MESSAGE: Final[Mapping[str, frozenset[RequestType]]] = {
     "roster_add": frozenset({RequestType.ROSTER_EDIT}),
     "roster_remove": frozenset({RequestType.ROSTER_EDIT}),
     "roster_get": frozenset({RequestType.ROSTER_GET}),
+    "visit_open": frozenset({RequestType.VISIT_OPEN}),
+    "visit_close": frozenset({RequestType.VISIT_CLOSE}),
+    "visit_list": frozenset({RequestType.VISIT_LIST}),
     "link_create": frozenset({RequestType.LINK_CREATE}),
     "link_end": frozenset({RequestType.LINK_END}),
     # Which of the two depends on the role of the account to create.
@@ -151,9 +164,24 @@ _WRITE: Final[Mapping[Role, Rule]] = {
     Role.PATIENT: Rule(linked=_CLINICIANS, own=True),
     Role.RECORDS: Rule(free=_CLINICIANS, own=True),
 }
+# Sending itself: the records gateway also posts its signed receipts into visit threads, which
+# the visit's patient reads too (availability_get keeps `_WRITE`: patients keep no hours).
+_SEND: Final[Mapping[Role, Rule]] = {
+    **_WRITE,
+    Role.RECORDS: Rule(free=_CLINICIANS | _PATIENTS, own=True),
+}
 # Verifying senders of what was received: devices_get and log_get; an ended link still counts.
+# A patient verifies the records gateway's receipts, so may look its devices and log up; the
+# gateway checks a record's senders (the visit's patient too) against the live log.
 _VERIFY: Final[Mapping[Role, Rule]] = {
-    role: Rule(rule.free, rule.linked, _ACTIVE_OR_ENDED, rule.own) for role, rule in _WRITE.items()
+    **{
+        role: Rule(rule.free, rule.linked, _ACTIVE_OR_ENDED, rule.own)
+        for role, rule in _WRITE.items()
+    },
+    Role.PATIENT: Rule(
+        free=frozenset({Role.RECORDS}), linked=_CLINICIANS, link_states=_ACTIVE_OR_ENDED, own=True
+    ),
+    Role.RECORDS: Rule(free=_CLINICIANS | _PATIENTS, own=True),
 }
 _OWN_ONLY: Final[Mapping[Role, Rule]] = {role: Rule(own=True) for role in Role}
 _LINKING: Final[Mapping[Role, Rule]] = {
@@ -195,14 +223,32 @@ _ROSTER_EDIT: Final[Mapping[Role, Rule]] = {
 }
 _ROSTER_GET: Final[Mapping[Role, Rule]] = {role: Rule(own=role in _STAFF) for role in Role}
 
+# Teleconsultation visits (docs/protocol.md §18); the target is the visit's patient. A doctor
+# opens one only with an ACTIVE link; closing is the visit's own doctor's (checked by
+# `medrelay.server.visits`), whatever the link or the patient's account became meanwhile, so the
+# record can be completed. Everyone lists their own visits; the records gateway reads any visit,
+# one id at a time.
+_VISIT_OPEN: Final[Mapping[Role, Rule]] = {
+    role: Rule(linked=_PATIENTS) if role is Role.DOCTOR else NOTHING for role in Role
+}
+_VISIT_CLOSE: Final[Mapping[Role, Rule]] = {
+    role: Rule(free=_PATIENTS) if role is Role.DOCTOR else NOTHING for role in Role
+}
+_VISIT_LIST: Final[Mapping[Role, Rule]] = {
+    role: Rule(free=_PATIENTS if role is Role.RECORDS else frozenset(), own=True) for role in Role
+}
+
 POLICY: Final[Mapping[RequestType, Mapping[Role, Rule]]] = {
     RequestType.AVAILABILITY_GET: _WRITE,
     RequestType.SCHEDULE_SET: _SCHEDULE,
     RequestType.ROSTER_EDIT: _ROSTER_EDIT,
     RequestType.ROSTER_GET: _ROSTER_GET,
     RequestType.DIRECTORY_SEARCH: _DIRECTORY,
-    RequestType.SEND: _WRITE,
-    RequestType.BUNDLE_GET: _WRITE,
+    RequestType.VISIT_OPEN: _VISIT_OPEN,
+    RequestType.VISIT_CLOSE: _VISIT_CLOSE,
+    RequestType.VISIT_LIST: _VISIT_LIST,
+    RequestType.SEND: _SEND,
+    RequestType.BUNDLE_GET: _SEND,
     RequestType.DEVICES_GET: _VERIFY,
     RequestType.LOG_GET: _VERIFY,
     RequestType.PREKEYS_PUT: _OWN_ONLY,
@@ -268,6 +314,9 @@ _VERBS: Final = {
     RequestType.SCHEDULE_SET: "change the schedule of",
     RequestType.ROSTER_GET: "read the on-call roster as",
     RequestType.ROSTER_EDIT: "put on call",
+    RequestType.VISIT_OPEN: "open teleconsultation visits with",
+    RequestType.VISIT_CLOSE: "close teleconsultation visits of",
+    RequestType.VISIT_LIST: "read the teleconsultation visits of",
     RequestType.LINK_CREATE: "create care links for",
     RequestType.LINK_END: "end care links of",
     RequestType.ACCOUNT_CREATE_PATIENT: "create",

@@ -53,6 +53,9 @@ from medrelay.protocol.messages import (
     RosterRemove,
     ScheduleSet,
     Send,
+    VisitClose,
+    VisitList,
+    VisitOpen,
     Welcome,
 )
 from medrelay.protocol.versions import negotiate
@@ -266,6 +269,8 @@ class ClientConnection:
                 message, AvailabilityGet | ScheduleSet | RosterAdd | RosterRemove | RosterGet
             ):
                 answer = self._service.availability_request(device, message)
+            elif isinstance(message, VisitOpen | VisitClose | VisitList):
+                answer = self._service.visit_request(device, message)
             else:  # pragma: no cover - the transition table admits nothing else
                 raise TypeError(f"no handler for {message.TYPE}")
             self._track(answer, message.rid)

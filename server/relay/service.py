@@ -90,6 +90,7 @@ from medrelay.server.transparency import TransparencyLog
 if TYPE_CHECKING:
     from medrelay.server.availability.service import AvailabilityRequest, AvailabilityService
     from medrelay.server.staff import StaffService
+    from medrelay.server.visits import VisitRequest, VisitService
 
 _log = Logger()
 
@@ -169,8 +170,10 @@ class RelayService(Service):
         staff: StaffService | None = None,
         availability: AvailabilityService | None = None,
         offhours: OffHours | None = None,
+        visits: VisitService | None = None,
     ) -> None:
         self.store = store
+        self.visits = visits
         self.identity_log = identity_log
         self.staff = staff
         self.availability = availability
@@ -594,6 +597,14 @@ class RelayService(Service):
                 RelayError(ErrorCode.NOT_FOUND, f"this server does not serve {message.TYPE}")
             )
         return self.availability.handle(device, message)
+
+    def visit_request(self, device: DeviceRecord, message: VisitRequest) -> Deferred[Message]:
+        """Teleconsultation visits (`medrelay.server.visits`)."""
+        if self.visits is None:
+            return _failed(
+                RelayError(ErrorCode.NOT_FOUND, f"this server does not serve {message.TYPE}")
+            )
+        return self.visits.handle(device, message)
 
     def put_prekeys(self, device: DeviceRecord, message: PrekeysPut) -> Deferred[Message]:
         refused = self.own_refusal(device, RequestType.PREKEYS_PUT)

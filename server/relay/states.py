@@ -53,6 +53,9 @@ REQUESTS: Final = (
     "roster_add",
     "roster_remove",
     "roster_get",
+    "visit_open",
+    "visit_close",
+    "visit_list",
 )
 
 TRANSITIONS: Final[dict[tuple[State, str], State]] = {

@@ -50,6 +50,7 @@ ROLES: Final = tuple(role.value for role in Role)
 ACCOUNT_STATUSES: Final = ("active", "revoked")
 QUEUE_KINDS: Final = ("msg", "expired", "notice")
 ABSENCE_REASONS: Final = ("vacation", "sick", "other")
+CONSENT_MODES: Final = ("notice", "explicit")
 
 # A growing integer key: BIGINT on PostgreSQL; on SQLite it must be spelled INTEGER to become the
 # rowid alias (and to allow AUTOINCREMENT).
@@ -369,6 +370,36 @@ awaiting_replies: Final = sa.Table(
     sa.Column("patient_pk", sa.Integer, sa.ForeignKey("accounts.pk"), primary_key=True),
     sa.Column("clinician_pk", sa.Integer, sa.ForeignKey("accounts.pk"), primary_key=True),
     sa.Column("since", Millis, nullable=False),
+)
+
+# --- teleconsultation visits (migration 0005) ---------------------------------------------------
+
+visits: Final = sa.Table(
+    "visits",
+    metadata,
+    # "V" and 8 Crockford base32 characters, made by the server (medrelay.server.visits).
+    sa.Column("visit_id", sa.String(32), primary_key=True),
+    # The id clients give the visit's messages as their thread (16 random bytes).
+    sa.Column("thread_id", sa.LargeBinary, nullable=False),
+    sa.Column("patient_pk", sa.Integer, sa.ForeignKey("accounts.pk"), nullable=False),
+    sa.Column("clinician_pk", sa.Integer, sa.ForeignKey("accounts.pk"), nullable=False),
+    # One of the clinic's indication codes at opening (the list may change later).
+    sa.Column("indication", sa.String(64), nullable=False),
+    # The clinic's consent mode at opening: a later change of policy does not rewrite it.
+    sa.Column("consent", sa.String(16), nullable=False),
+    sa.Column("opened_at", Millis, nullable=False),
+    # Closed: when, and the id of the conclusion message (its content travels end to end).
+    sa.Column("closed_at", Millis, nullable=True),
+    sa.Column("conclusion_id", sa.LargeBinary, nullable=True),
+    sa.UniqueConstraint("thread_id"),
+    sa.CheckConstraint(_in("consent", CONSENT_MODES), name="consent"),
+    sa.CheckConstraint(
+        "(closed_at IS NULL AND conclusion_id IS NULL)"
+        " OR (closed_at IS NOT NULL AND conclusion_id IS NOT NULL)",
+        name="closed",
+    ),
+    sa.Index(None, "patient_pk", "opened_at"),
+    sa.Index(None, "clinician_pk", "opened_at"),
 )
 
 

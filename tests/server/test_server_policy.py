@@ -46,6 +46,11 @@ RULES: Final = [
     (WRITE | VERIFY, STAFF, STAFF, FREE),
     (WRITE | VERIFY, CLINICIANS, {"records"}, FREE),
     (WRITE | VERIFY, {"records"}, CLINICIANS, FREE),
+    # The records gateway posts receipts into visit threads; patients verify them, and the
+    # gateway checks a record's patient against the live log.
+    ({"send", "bundle_get"}, {"records"}, {"patient"}, FREE),
+    (VERIFY, {"patient"}, {"records"}, FREE),
+    (VERIFY, {"records"}, {"patient"}, FREE),
     (WRITE, CLINICIANS, {"patient"}, ACTIVE_LINK),
     (WRITE, {"patient"}, CLINICIANS, ACTIVE_LINK),
     (VERIFY, CLINICIANS, {"patient"}, ANY_LINK),
@@ -65,6 +70,12 @@ RULES: Final = [
     ({"account_create_patient"}, {"registrar", "admin"}, {"patient"}, FREE),
     ({"schedule_set"}, {"admin"}, CLINICIANS, FREE),
     ({"roster_edit"}, {"registrar", "admin"}, CLINICIANS, FREE),
+    # Visits are about their patient: opened with an active link by doctors only; closed by
+    # the visit's doctor whatever the link (the service checks it is theirs); read by id by
+    # the records gateway.
+    ({"visit_open"}, {"doctor"}, {"patient"}, ACTIVE_LINK),
+    ({"visit_close"}, {"doctor"}, {"patient"}, FREE),
+    ({"visit_list"}, {"records"}, {"patient"}, FREE),
     (
         {"account_create_staff"},
         {"admin"},
@@ -74,7 +85,7 @@ RULES: Final = [
 ]
 OWN_ACCOUNT: Final = {
     "send", "bundle_get", "devices_get", "log_get", "prekeys_put", "ack", "directory_search",
-    "availability_get", "schedule_set",
+    "availability_get", "schedule_set", "visit_list",
 }  # fmt: skip
 """Requests anyone may make about their own account."""
 OWN_ACCOUNT_STAFF: Final = {"roster_get"}
@@ -82,7 +93,8 @@ OWN_ACCOUNT_STAFF: Final = {"roster_get"}
 KNOWN_REQUESTS: Final = {
     "send", "bundle_get", "devices_get", "log_get", "prekeys_put", "ack", "directory_search",
     "link_create", "link_end", "account_create_patient", "account_create_staff",
-    "availability_get", "schedule_set", "roster_get", "roster_edit",
+    "availability_get", "schedule_set", "roster_get", "roster_edit", "visit_open",
+    "visit_close", "visit_list",
 }  # fmt: skip
 NOT_REQUESTS: Final = {"hello", "auth", "resume"}
 """Client frames that come before login: not decided by the table."""

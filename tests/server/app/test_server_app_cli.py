@@ -182,9 +182,15 @@ def test_add_user_refuses_what_no_certificate_could_carry(
 
 
 def test_add_user_role_must_be_one_of_the_client_roles(tmp_path: Path) -> None:
-    result = run(tmp_path, "admin", "add-user", "x", "--role", "records", "--name", "X")
+    result = run(tmp_path, "admin", "add-user", "x", "--role", "clinic", "--name", "X")
     assert result.exit_code == 2
-    assert "'records' is not one of" in result.stderr
+    assert "'clinic' is not one of" in result.stderr
+
+
+def test_add_user_creates_the_records_gateway_account(tmp_path: Path) -> None:
+    result = run(tmp_path, "admin", "add-user", "records", "--role", "records", "--name", "R")
+    assert result.exit_code == 0, result.stderr
+    assert "records" in result.stdout
 
 
 def test_add_user_honours_data_dir_and_config(tmp_path: Path) -> None:

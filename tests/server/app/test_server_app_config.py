@@ -10,10 +10,14 @@ import pytest
 
 from medrelay.crypto.passwords import PasswordParams
 from medrelay.server.config import (
+    DEFAULT_INDICATIONS,
     ConfigError,
+    ConsentMode,
+    IndicationConfig,
     LogFormat,
     LogLevelName,
     Overrides,
+    VisitsConfig,
     load_config,
 )
 from medrelay.server.relay.service import RelayConfig
@@ -206,6 +210,8 @@ BAD_VALUES = [
     ("MEDRELAY_PASSWORDS_MEMORY_COST_KIB", "4", "passwords.memory_cost_kib", "8 KiB per lane"),
     ("MEDRELAY_LOGGING_LEVEL", "loud", "logging.level", "must be one of debug, info"),
     ("MEDRELAY_LOGGING_FORMAT", "xml", "logging.format", "must be one of json, text"),
+    ("MEDRELAY_VISITS_CONSENT", "implied", "visits.consent", "must be one of notice, explicit"),
+    ("MEDRELAY_VISITS_INDICATIONS", "a,b", "visits.indications", "in the configuration file"),
 ]
 
 
@@ -316,3 +322,106 @@ def test_every_relay_setting_is_configurable(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "\n".join(lines) + "\n"), environ={}, cwd=tmp_path)
     for name, wanted in expected.items():
         assert getattr(config.relay, name) == wanted, name
+
+
+# --- [visits] -----------------------------------------------------------------------------------
+
+
+def test_visits_default_to_the_six_indications_and_notice(tmp_path: Path) -> None:
+    config = load_config(environ={}, cwd=tmp_path)
+    assert config.visits == VisitsConfig()
+    assert config.visits.consent is ConsentMode.NOTICE
+    assert config.visits.codes == (
+        "test-results",
+        "sick-leave-closing",
+        "chronic-stable-eprescription",
+        "dispensary-observation",
+        "therapy-control",
+        "treatment-questions",
+    )
+    assert config.visits.indications == DEFAULT_INDICATIONS
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.visits.indications[0].code = "x"  # type: ignore[misc]
+
+
+def test_a_clinic_sets_its_own_indications_and_consent(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [visits]
+        consent = "explicit"
+        [[visits.indications]]
+        code = "test-results"
+        name = "Разбор результатов анализов"
+        [[visits.indications]]
+        code = "wound_check-2"
+        name = "Checking how a wound heals"
+        """,
+    )
+    config = load_config(path, environ={}, cwd=tmp_path)
+    assert config.visits == VisitsConfig(
+        indications=(
+            IndicationConfig("test-results", "Разбор результатов анализов"),
+            IndicationConfig("wound_check-2", "Checking how a wound heals"),
+        ),
+        consent=ConsentMode.EXPLICIT,
+    )
+    # The environment overrides the file's consent mode.
+    config = load_config(path, environ={"MEDRELAY_VISITS_CONSENT": "Notice"}, cwd=tmp_path)
+    assert config.visits.consent is ConsentMode.NOTICE
+    assert len(config.visits.indications) == 2
+
+
+def _indications(*tables: str) -> str:
+    return "".join(f"[[visits.indications]]\n{table}\n" for table in tables)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[visits]\nindications = "test-results"\n', "visits.indications: must be an array"),
+        ("[visits]\nindications = []\n", "visits.indications: must list 1 to 32 indications"),
+        (
+            _indications(*[f'code = "c{i}"\nname = "n"' for i in range(33)]),
+            "visits.indications: must list 1 to 32 indications",
+        ),
+        ('[visits]\nindications = ["x"]\n', "visits.indications[0]: must be a table"),
+        (_indications('name = "n"'), "visits.indications[0].code: must be a string"),
+        (_indications('code = "ok"'), "visits.indications[0].name: must be a string"),
+        (
+            _indications('code = "ok"\nname = "n"', 'code = "Bad Code"\nname = "n"'),
+            "visits.indications[1].code: must be a lowercase identifier",
+        ),
+        (_indications('code = "-x"\nname = "n"'), "visits.indications[0].code: must be a lower"),
+        (
+            _indications('code = "{}"\nname = "n"'.format("a" * 65)),
+            "visits.indications[0].code: must be at most 64 characters",
+        ),
+        (_indications('code = "ok"\nname = " "'), "visits.indications[0].name: must not be empty"),
+        (
+            _indications('code = "ok"\nname = "a\\nb"'),
+            "visits.indications[0].name: must be one line",
+        ),
+        (
+            _indications('code = "ok"\nname = "{}"'.format("я" * 129)),
+            "visits.indications[0].name: must be at most 256 bytes",
+        ),
+        (
+            _indications('code = "ok"\nname = "n"', 'code = "ok"\nname = "m"'),
+            "visits.indications[1].code: 'ok' is listed twice",
+        ),
+        (
+            _indications('code = "ok"\nname = "n"\ncolour = "red"'),
+            "visits.indications[0].colour: unknown setting",
+        ),
+        ('[visits]\nconsent = "implied"\n', "visits.consent: must be one of notice, explicit"),
+        ('[visits]\nconsnet = "notice"\n', "visits.consnet: unknown setting"),
+    ],
+)
+def test_bad_visit_settings_are_one_line_naming_the_key(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, toml), environ={}, cwd=tmp_path)
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).startswith(message)

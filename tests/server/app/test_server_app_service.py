@@ -55,6 +55,8 @@ from medrelay.protocol.messages import (
     Error,
     Hello,
     Message,
+    VisitList,
+    Visits,
     Welcome,
 )
 from medrelay.server.admin import add_user, open_admin_database
@@ -195,6 +197,12 @@ async def test_the_real_service_enrolls_logs_in_and_stores_a_blob(tmp_path: Path
         authenticated = await sink.next()
         assert isinstance(authenticated, Authenticated) and authenticated.token is not None
         token = authenticated.token
+        # Visits are wired in: the answer names the clinic's default indications.
+        sink.send(VisitList(rid=2))
+        visits = await sink.next()
+        assert isinstance(visits, Visits) and visits.rid == 2, visits
+        assert (visits.visits, visits.consent) == ((), "notice")
+        assert len(visits.indications) == 6 and visits.indications[0].code == "test-results"
 
         bearer = {"Authorization": "Bearer " + _b64(token)}
         uploaded = json_answer(
@@ -210,6 +218,7 @@ async def test_the_real_service_enrolls_logs_in_and_stores_a_blob(tmp_path: Path
         text = scraped.body.decode()
         assert 'medrelay_enrollments_total{outcome="enrolled"} 1.0' in text
         assert 'medrelay_connections{state="authenticated"} 1.0' in text
+        assert 'medrelay_visits_total{event="opened"} 0.0' in text
         assert "alice" not in text
     finally:
         await service.stopService()

@@ -26,8 +26,11 @@ from medrelay.clients.engine.views import (
     MessageView,
     NoticeView,
     OutgoingFile,
+    RecordSent,
     SavedAttachment,
     SentMessage,
+    VisitsView,
+    VisitView,
     Whoami,
 )
 from medrelay.crypto.rng import system_rng
@@ -104,6 +107,28 @@ class EngineApi(Protocol):
     def roster_remove(self, shift_id: int) -> Deferred[list[ShiftView]]: ...
 
     def roster(self, after_ms: int | None = None) -> Deferred[list[ShiftView]]: ...
+
+    def visits(
+        self, *, visit: str | None = None, open_only: bool = False
+    ) -> Deferred[VisitsView]: ...
+
+    def open_visit(self, patient: str, indication: str) -> Deferred[VisitView]: ...
+
+    def close_visit(
+        self, visit: str, conclusion_text: str, files: Sequence[OutgoingFile] = ()
+    ) -> Deferred[VisitView]: ...
+
+    def consent_to_visit(self, visit: str) -> Deferred[SentMessage]: ...
+
+    def save_record(
+        self,
+        *,
+        visit: str | None = None,
+        with_user: str | None = None,
+        from_ms: int | None = None,
+        to_ms: int | None = None,
+        records_user: str = ...,
+    ) -> Deferred[RecordSent]: ...
 
     def now_ms(self) -> int: ...
 

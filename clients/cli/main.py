@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import mimetypes
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from medrelay.clients.engine.availability import (
 )
 from medrelay.clients.engine.errors import ClientError, LocalCode
 from medrelay.clients.engine.linking import LinkCheck, LinkCode
+from medrelay.clients.engine.record_messages import RECORDS_USER, RecordRequest
 from medrelay.clients.engine.store import ProfileInfo
 from medrelay.clients.engine.views import (
     KIND_SECURITY,
@@ -48,9 +50,12 @@ from medrelay.clients.engine.views import (
     SentMessage,
     Whoami,
 )
+from medrelay.crypto.identity import check_id
 from medrelay.crypto.linking import normalize_sas, same_sas
+from medrelay.protocol.errors import ProtocolError
 from medrelay.protocol.hours import HoursSyntaxError, parse_hours, parse_time
-from medrelay.protocol.messages import HoursInterval
+from medrelay.protocol.limits import MAX_INDICATION_CODE_BYTES
+from medrelay.protocol.messages import HoursInterval, VisitList, encode_body
 
 PASSPHRASE_ENV: Final = "MEDRELAY_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 PROFILE_ENV: Final = "MEDRELAY_PROFILE"
@@ -1081,6 +1086,230 @@ def oncall_list(ctx: click.Context, profile: Path | None, json_mode: bool) -> No
     """The shifts that have not ended yet, in this computer's time zone."""
     options = _options(ctx, profile, json_mode)
     _show_shifts(options, options.with_engine(lambda engine: engine.roster()))
+
+
+# --- teleconsultation visits and the medical record ----------------------------------------
+
+_INDICATION: Final = re.compile(r"[a-z][a-z0-9_-]*")
+"""What the clinic's indication codes look like (server configuration)."""
+SAVE_TIMEOUT_S: Final = 300.0
+"""A record bundle may be large: its upload and the relay's confirmation get longer."""
+
+
+def _check_visit_id(options: Options, visit: str) -> None:
+    try:
+        encode_body(VisitList(rid=1, visit=visit))
+        RecordRequest(visit).encode()  # the ids a record can name
+    except (ProtocolError, ValueError):
+        options.fail(LocalCode.INVALID_ARGUMENT, f"{visit!r} is not a visit id", exit_code=2)
+
+
+def _check_username(options: Options, user: str, what: str) -> None:
+    try:
+        check_id(user, what)
+    except (TypeError, ValueError) as exc:
+        options.fail(LocalCode.INVALID_ARGUMENT, str(exc), exit_code=2)
+
+
+def _iso_moment(options: Options, text: str, what: str) -> int:
+    """An ISO 8601 date and time (2026-11-24T09:00, with an offset or in this computer's zone)."""
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        options.fail(
+            LocalCode.INVALID_ARGUMENT,
+            f"{what}: {text!r} is not a date and time (expected YYYY-MM-DDTHH:MM)",
+            exit_code=2,
+        )
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return int(moment.timestamp() * 1000)
+
+
+@cli.group()
+def visit() -> None:
+    """Teleconsultation visits: a doctor opens one for a patient seen in person, talks in its
+    thread, and closes it with a conclusion; the visit can then be saved in the patient's
+    medical record (`medrelay record save`)."""
+
+
+@visit.command("open")
+@click.argument("patient")
+@click.option(
+    "--indication",
+    required=True,
+    help="Why, as one of the clinic's indication codes (`medrelay visit list` shows them).",
+)
+@common
+@click.pass_context
+def visit_open(
+    ctx: click.Context, *, patient: str, indication: str, profile: Path | None, json_mode: bool
+) -> None:
+    """Open a teleconsultation visit with PATIENT (doctors, with an active care link).
+
+    The patient is told in the visit's thread that the conversation will be saved in their
+    medical record (or, if the clinic asks for explicit consent, that nothing is saved until
+    they agree). Your messages to PATIENT then go in the visit's thread.
+    """
+    options = _options(ctx, profile, json_mode)
+    _check_username(options, patient, "PATIENT")
+    if len(indication) > MAX_INDICATION_CODE_BYTES or not _INDICATION.fullmatch(indication):
+        options.fail(
+            LocalCode.INVALID_ARGUMENT, f"{indication!r} is not an indication code", exit_code=2
+        )
+    app = options.app
+    opened = options.with_engine(
+        lambda engine: app_timeout(app, engine.open_visit(patient, indication), SEND_TIMEOUT_S)
+    )
+    options.emit(output.visit_json(opened), output.visit_opened_lines(opened))
+
+
+@visit.command("close")
+@click.argument("visit_id", metavar="VISIT")
+@click.option(
+    "--conclusion", required=True, help="The visit's conclusion (- reads it from standard input)."
+)
+@click.option(
+    "--file",
+    "file_paths",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Attach a file to the conclusion (encrypted before upload). May be given several times.",
+)
+@common
+@click.pass_context
+def visit_close(
+    ctx: click.Context,
+    *,
+    visit_id: str,
+    conclusion: str,
+    file_paths: tuple[Path, ...],
+    profile: Path | None,
+    json_mode: bool,
+) -> None:
+    """Close VISIT with a conclusion: it is sent to the patient in the visit's thread, then the
+    visit closes. Running it again after a failure reuses a conclusion already sent."""
+    options = _options(ctx, profile, json_mode)
+    _check_visit_id(options, visit_id)
+    if conclusion == "-":
+        conclusion = sys.stdin.read()
+    if not conclusion.strip():
+        options.fail(LocalCode.INVALID_ARGUMENT, "the conclusion is empty", exit_code=2)
+    for path in file_paths:
+        if not path.is_file():
+            options.fail(LocalCode.INVALID_ARGUMENT, f"no file {path}", exit_code=2)
+    files = _read_files(options, file_paths)
+    app = options.app
+    closed = options.with_engine(
+        lambda engine: app_timeout(
+            app, engine.close_visit(visit_id, conclusion, files), SEND_TIMEOUT_S
+        )
+    )
+    options.emit(output.visit_json(closed), output.visit_closed_lines(closed))
+
+
+@visit.command("list")
+@click.option("--open", "open_only", is_flag=True, help="Only the visits still open.")
+@common
+@click.pass_context
+def visit_list(
+    ctx: click.Context, *, open_only: bool, profile: Path | None, json_mode: bool
+) -> None:
+    """Your visits, newest first (as clinician or patient), and the clinic's indications."""
+    options = _options(ctx, profile, json_mode)
+    listed = options.with_engine(lambda engine: engine.visits(open_only=open_only))
+    options.emit(output.visits_json(listed), output.visits_lines(listed))
+
+
+@visit.command("consent")
+@click.argument("visit_id", metavar="VISIT")
+@common
+@click.pass_context
+def visit_consent(
+    ctx: click.Context, *, visit_id: str, profile: Path | None, json_mode: bool
+) -> None:
+    """Agree (as the patient) that VISIT is saved in your medical record: your doctor gets
+    your consent in the visit's thread. Only while the visit is open."""
+    options = _options(ctx, profile, json_mode)
+    _check_visit_id(options, visit_id)
+    app = options.app
+    sent = options.with_engine(
+        lambda engine: app_timeout(app, engine.consent_to_visit(visit_id), SEND_TIMEOUT_S)
+    )
+    options.emit(output.consent_json(visit_id, sent), output.consent_line(visit_id, sent))
+
+
+@cli.group()
+def record() -> None:
+    """The patient's medical record: save a closed visit, or a conversation's time range."""
+
+
+@record.command("save")
+@click.option("--visit", "visit_id", default=None, help="The closed visit to save.")
+@click.option(
+    "--with", "with_user", default=None, help="Save the conversation with this patient instead."
+)
+@click.option(
+    "--from", "starts", default=None, help="With --with: from YYYY-MM-DDTHH:MM (ISO 8601)."
+)
+@click.option("--to", "ends", default=None, help="With --with: to YYYY-MM-DDTHH:MM (ISO 8601).")
+@click.option("--records-user", default=RECORDS_USER, hidden=True, help="The records account.")
+@common
+@click.pass_context
+def record_save(
+    ctx: click.Context,
+    *,
+    visit_id: str | None,
+    with_user: str | None,
+    starts: str | None,
+    ends: str | None,
+    records_user: str,
+    profile: Path | None,
+    json_mode: bool,
+) -> None:
+    """Send a closed visit (--visit) or the conversation with a patient between two moments
+    (--with, --from, --to) to the clinic's records gateway, end to end encrypted.
+
+    The messages go exactly as they were signed, with the certificates and identity-log proofs
+    that let anyone check them later; the bundle is checked here before it leaves. The
+    gateway's receipt arrives in the visit's thread for you and the patient.
+    """
+    options = _options(ctx, profile, json_mode)
+    _check_username(options, records_user, "--records-user")
+    from_ms: int | None = None
+    to_ms: int | None = None
+    if (visit_id is None) == (with_user is None):
+        options.fail(LocalCode.INVALID_ARGUMENT, "give either --visit or --with", exit_code=2)
+    if visit_id is not None:
+        _check_visit_id(options, visit_id)
+        if starts is not None or ends is not None:
+            options.fail(
+                LocalCode.INVALID_ARGUMENT, "--from and --to go with --with only", exit_code=2
+            )
+    else:
+        assert with_user is not None  # noqa: S101 (checked above)
+        _check_username(options, with_user, "--with")
+        if starts is None or ends is None:
+            options.fail(LocalCode.INVALID_ARGUMENT, "--with needs --from and --to", exit_code=2)
+        from_ms = _iso_moment(options, starts, "--from")
+        to_ms = _iso_moment(options, ends, "--to")
+        if to_ms < from_ms:
+            options.fail(LocalCode.INVALID_ARGUMENT, "--to is before --from", exit_code=2)
+    app = options.app
+    saved = options.with_engine(
+        lambda engine: app_timeout(
+            app,
+            engine.save_record(
+                visit=visit_id,
+                with_user=with_user,
+                from_ms=from_ms,
+                to_ms=to_ms,
+                records_user=records_user,
+            ),
+            SAVE_TIMEOUT_S,
+        )
+    )
+    options.emit(output.record_sent_json(saved), output.record_sent_line(saved))
 
 
 def main() -> None:

@@ -15,6 +15,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from medrelay.clients.engine.availability import AvailabilityView, ShiftView
 from medrelay.clients.engine.linking import LinkCheck, LinkCode, LinkResult
+from medrelay.clients.engine.record_messages import (
+    KIND_CONCLUSION,
+    KIND_CONSENT,
+    KIND_RECORD_BUNDLE,
+    KIND_RECORD_RECEIPT,
+    KIND_VISIT_OPENED,
+    RecordRequest,
+)
 from medrelay.clients.engine.staff import CareLinkView, NewAccountView, PersonView
 from medrelay.clients.engine.store import ProfileInfo
 from medrelay.clients.engine.views import (
@@ -25,10 +33,14 @@ from medrelay.clients.engine.views import (
     DeviceView,
     MessageView,
     NoticeView,
+    RecordSent,
     SavedAttachment,
     SentMessage,
+    VisitsView,
+    VisitView,
     Whoami,
 )
+from medrelay.crypto.content import KIND_TEXT
 from medrelay.crypto.safety import format_safety_number, safety_number_groups
 from medrelay.protocol.hours import format_hours
 
@@ -98,6 +110,26 @@ def message_json(view: MessageView) -> dict[str, Any]:
             for a in view.attachments
         ],
         "flags": list(view.flags),
+        "kind": view.kind,
+        **_receipt_json(view),
+    }
+
+
+def _receipt_json(view: MessageView) -> dict[str, Any]:
+    if view.kind != KIND_RECORD_RECEIPT:
+        return {}
+    receipt = view.receipt
+    if receipt is None:
+        return {"receipt": None, "receipt_error": view.receipt_error or "unreadable"}
+    return {
+        "receipt": {
+            "visit": receipt.visit_id,
+            "status": "saved" if receipt.saved else "failed",
+            "records": list(receipt.records),
+            "reason": receipt.reason,
+            "bundle_sha256": receipt.bundle_sha256,
+        },
+        "receipt_error": None,
     }
 
 
@@ -148,11 +180,38 @@ _FLAG_LABELS: Final = {
 }
 
 
+_KIND_LABELS: Final = {
+    KIND_VISIT_OPENED: "visit opened",
+    KIND_CONSENT: "consent to saving the visit",
+    KIND_CONCLUSION: "visit conclusion",
+}
+
+
+def _record_request(text: str) -> str:
+    try:
+        return f"visit {RecordRequest.decode(text).visit_id}"
+    except ValueError:
+        return "an unreadable request"
+
+
 def message_line(view: MessageView) -> str:
     when = iso_time(view.server_ms if view.server_ms is not None else view.sent_at_ms)
     who = f"you -> {view.peer_user}" if view.outgoing else view.sender_user
     marks = "".join(f" [{_FLAG_LABELS.get(f, f)}]" for f in view.flags)
-    lines = [f"[{when}]{marks} {who}: {safe(view.text)}"]
+    if view.kind == KIND_RECORD_RECEIPT:
+        if view.receipt is None:
+            return (
+                f"[{when}] ! a record receipt from {view.sender_user} cannot be trusted and was "
+                f"not shown: {safe(view.receipt_error or 'unreadable')}"
+            )
+        return f"[{when}] {who} (record receipt): {safe(view.receipt.summary)}"
+    if view.kind == KIND_RECORD_BUNDLE:
+        about = safe(_record_request(view.text))
+        lines = [f"[{when}]{marks} {who} (record of {about} for the medical record)"]
+    else:
+        label = _KIND_LABELS.get(view.kind, safe(view.kind)) if view.kind != KIND_TEXT else ""
+        kind = f" ({label})" if label else ""
+        lines = [f"[{when}]{marks} {who}{kind}: {safe(view.text)}"]
     for a in view.attachments:
         lines.append(f"    attachment {a.index}: {safe(a.file_name)} ({_size(a.size)})")
     if view.attachments:
@@ -514,4 +573,98 @@ def shifts_lines(shifts: list[ShiftView], zone: str | None = None) -> str:
         f"#{s.shift_id} {s.clinician} on call for {safe(s.department)}: "
         f"{local_time(s.starts_ms, zone)} to {local_time(s.ends_ms, zone)}"
         for s in shifts
+    )
+
+
+# --- visits and the medical record ------------------------------------------------------------
+
+
+def visit_json(visit: VisitView) -> dict[str, Any]:
+    return {
+        "visit": visit.visit_id,
+        "thread": visit.thread_id.hex(),
+        "patient": visit.patient,
+        "clinician": visit.clinician,
+        "indication": visit.indication,
+        "indication_name": visit.indication_name,
+        "consent": visit.consent,
+        "open": visit.is_open,
+        "opened": iso_time(visit.opened_ms),
+        "closed": iso_time(visit.closed_ms),
+        "conclusion": None if visit.conclusion is None else visit.conclusion.hex(),
+    }
+
+
+def visit_line(visit: VisitView) -> str:
+    why = visit.indication + (f" ({visit.indication_name})" if visit.indication_name else "")
+    state = "open" if visit.is_open else f"closed {local_time(visit.closed_ms or 0)}"
+    return (
+        f"{visit.visit_id}  {visit.patient} with {visit.clinician}: {safe(why)}; "
+        f"opened {local_time(visit.opened_ms)}, {state}; consent: {visit.consent}"
+    )
+
+
+def visit_opened_lines(visit: VisitView) -> str:
+    lines = [
+        f"opened visit {visit.visit_id} with {visit.patient}: "
+        f"{safe(visit.indication_name or visit.indication)}",
+        f"{visit.patient} was told, in the visit's thread, that it will be saved in their "
+        "medical record",
+    ]
+    if visit.consent == "explicit":
+        lines.append(f"nothing is saved until they agree (medrelay visit consent {visit.visit_id})")
+    lines.append(f"when done: medrelay visit close {visit.visit_id} --conclusion TEXT")
+    return "\n".join(lines)
+
+
+def visit_closed_lines(visit: VisitView) -> str:
+    return (
+        f"closed visit {visit.visit_id} with {visit.patient}; conclusion "
+        f"{'' if visit.conclusion is None else visit.conclusion.hex()}\n"
+        f"to save it in the medical record: medrelay record save --visit {visit.visit_id}"
+    )
+
+
+def visits_json(listed: VisitsView) -> dict[str, Any]:
+    return {
+        "visits": [visit_json(v) for v in listed.visits],
+        "indications": [{"code": i.code, "name": i.name} for i in listed.indications],
+        "consent": listed.consent,
+    }
+
+
+def visits_lines(listed: VisitsView) -> str:
+    lines = [visit_line(v) for v in listed.visits] or ["no visits"]
+    if listed.indications:
+        lines.append("indications: " + ", ".join(safe(i.code) for i in listed.indications))
+    return "\n".join(lines)
+
+
+def consent_json(visit: str, sent: SentMessage) -> dict[str, Any]:
+    return {"visit": visit, **sent_json(sent)}
+
+
+def consent_line(visit: str, sent: SentMessage) -> str:
+    return (
+        f"you agreed that visit {visit} is saved in your medical record; {sent.recipient} was "
+        "told in the visit's thread"
+    )
+
+
+def record_sent_json(saved: RecordSent) -> dict[str, Any]:
+    return {
+        "visit": saved.visit_id,
+        "thread": saved.thread_id.hex(),
+        "messages": saved.messages,
+        "bundle_sha256": saved.bundle_sha256,
+        "bundle_bytes": saved.bundle_bytes,
+        "sent": sent_json(saved.sent),
+    }
+
+
+def record_sent_line(saved: RecordSent) -> str:
+    return (
+        f"record of {saved.visit_id} ({saved.messages} messages, {_size(saved.bundle_bytes)}, "
+        f"sha256 {saved.bundle_sha256[:16]}…) sent to {saved.sent.recipient}; its receipt "
+        "will arrive in the thread (medrelay inbox)"
     )

@@ -10,10 +10,11 @@ the listeners registered with `subscribe`.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -41,6 +42,11 @@ from medrelay.clients.engine.messaging import (
     notice_view,
     view_of_stored,
 )
+from medrelay.clients.engine.record_messages import (
+    KIND_RECORD_RECEIPT,
+    RECORDS_USER,
+    RecordReceipt,
+)
 from medrelay.clients.engine.staff import CareLinkView, NewAccountView, PersonView
 from medrelay.clients.engine.store import (
     NOTICE_SECURITY,
@@ -55,6 +61,7 @@ from medrelay.clients.engine.store import (
     insert_notice_txn,
     list_messages_txn,
     list_notices_txn,
+    list_received_after_txn,
     mark_messages_read_txn,
     mark_notices_read_txn,
     open_profile,
@@ -69,11 +76,18 @@ from medrelay.clients.engine.views import (
     MessageView,
     NoticeView,
     OutgoingFile,
+    ReceiptView,
+    ReceivedMessage,
+    RecordSent,
     SavedAttachment,
     SentMessage,
+    VisitsView,
+    VisitView,
     Whoami,
 )
+from medrelay.clients.engine.visits import VisitBook
 from medrelay.clients.engine.websocket import WebSocketDialer
+from medrelay.crypto.certificates import Role
 from medrelay.crypto.content import SignedContent
 from medrelay.crypto.rng import Rng
 from medrelay.crypto.safety import safety_number
@@ -83,6 +97,7 @@ SETTLE_S: Final = 0.5
 """How long `sync` waits for further deliveries after the queue looked drained."""
 
 _log = Logger()
+_V = TypeVar("_V", MessageView, MessageView | NoticeView)
 
 
 class Engine:
@@ -133,6 +148,9 @@ class Engine:
             profile, self.directory, self.log, clock=clock, rng=rng, notify=self._notify
         )
         self.prekeys = PrekeyKeeper(profile, rng=rng)
+        self.visit_book = VisitBook(
+            profile, self.connector, self.messenger, self.directory, self.log, clock=clock, rng=rng
+        )
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -273,7 +291,8 @@ class Engine:
 
     def unread(self, *, mark_read: bool = True) -> Deferred[list[MessageView | NoticeView]]:
         """Messages and notices not shown before (then marked as shown), oldest first."""
-        return self.profile.db.run_interaction("unread", self._unread_txn, mark_read)
+        d = self.profile.db.run_interaction("unread", self._unread_txn, mark_read)
+        return d.addCallback(lambda items: Deferred.fromCoroutine(self._with_receipts(items)))
 
     def _unread_txn(
         self, conn: sqlite3.Connection, mark_read: bool
@@ -284,6 +303,46 @@ class Engine:
             mark_messages_read_txn(conn, [m.row_id for m in messages])
             mark_notices_read_txn(conn, [n.row_id for n in notices])
         return _merge(messages, notices)
+
+    async def _with_receipts(self, items: list[_V]) -> list[_V]:
+        """Decode `record_receipt` messages, believed only from an account the clinic
+        certified as its records gateway; anything else about them shows as failed."""
+        shown: list[_V] = []
+        for item in items:
+            if isinstance(item, MessageView) and item.kind == KIND_RECORD_RECEIPT:
+                shown.append(await self._receipt(item))
+            else:
+                shown.append(item)
+        return shown
+
+    async def _receipt(self, view: MessageView) -> MessageView:
+        try:
+            sender = await self.directory.user(view.sender_user)
+        except ClientError as exc:
+            return dataclasses.replace(
+                view, receipt_error=f"its sender could not be verified: {exc.message}"
+            )
+        role = sender.certificate.role
+        if role is not Role.RECORDS:
+            return dataclasses.replace(
+                view,
+                receipt_error=f"{view.sender_user} is a {role.value}, not the records gateway",
+            )
+        try:
+            receipt = RecordReceipt.decode(view.text)
+        except ValueError as exc:
+            return dataclasses.replace(view, receipt_error=f"a malformed receipt ({exc})")
+        return dataclasses.replace(
+            view,
+            receipt=ReceiptView(
+                visit_id=receipt.visit_id,
+                saved=receipt.saved,
+                records=receipt.records,
+                reason=receipt.reason,
+                bundle_sha256=receipt.bundle_sha256,
+                summary=receipt.summary(),
+            ),
+        )
 
     def clinic_notices(self, message_id: bytes) -> Deferred[list[NoticeView]]:
         """After `sync`: the clinic's notices about our message `message_id` not shown before
@@ -307,7 +366,35 @@ class Engine:
             stored = list_messages_txn(conn, self.profile.sealer, unread_only=False, limit=limit)
             return [view_of_stored(m) for m in stored]
 
-        return self.profile.db.run_interaction("history", load)
+        d = self.profile.db.run_interaction("history", load)
+        return d.addCallback(lambda items: Deferred.fromCoroutine(self._with_receipts(items)))
+
+    def received_after(self, row_id: int, limit: int = 100) -> Deferred[list[ReceivedMessage]]:
+        """Received messages stored after profile row `row_id` (0: from the first), oldest
+        first, at most `limit`: for a program that polls, resuming from the last `row_id`."""
+        if row_id < 0 or not 0 < limit <= 1000:
+            raise ValueError("row_id must be ≥ 0 and limit 1 to 1000")
+
+        def load(conn: sqlite3.Connection) -> list[ReceivedMessage]:
+            stored = list_received_after_txn(conn, self.profile.sealer, row_id, limit)
+            return [_received(m) for m in stored]
+
+        return self.profile.db.run_interaction("received_after", load)
+
+    def send_in_thread(
+        self,
+        recipients: Sequence[str],
+        thread_id: bytes,
+        kind: str,
+        text: str,
+        files: Sequence[OutgoingFile] = (),
+    ) -> Deferred[SentMessage]:
+        """One signed content of `kind` in thread `thread_id`, addressed to all `recipients`
+        and encrypted for all their devices (and our other ones); our messages in the thread
+        chain through `previous_hash`. Fires with the relay's confirmation."""
+        return Deferred.fromCoroutine(
+            self.messenger.send_to(recipients, text, files, kind=kind, thread_id=thread_id)
+        )
 
     def attachments(self, message_id: bytes) -> Deferred[list[SavedAttachment]]:
         """Download, check and decrypt every attachment of a stored message."""
@@ -445,6 +532,50 @@ class Engine:
         """The on-call shifts that have not ended (by `after_ms`, or now)."""
         return Deferred.fromCoroutine(availability.roster_list(self.connector, after_ms))
 
+    # -- visits and the medical record --------------------------------------------------
+
+    def visits(self, *, visit: str | None = None, open_only: bool = False) -> Deferred[VisitsView]:
+        """Our visits, newest first (or visit `visit` only), with the clinic's indications and
+        consent mode."""
+        return Deferred.fromCoroutine(self.visit_book.list_visits(visit=visit, open_only=open_only))
+
+    def open_visit(self, patient: str, indication: str) -> Deferred[VisitView]:
+        """Open a teleconsultation visit (doctors, for a patient they saw in person), then tell
+        the patient in the visit's thread that it will be saved in their medical record."""
+        return Deferred.fromCoroutine(self.visit_book.open(patient, indication))
+
+    def close_visit(
+        self, visit: str, conclusion_text: str, files: Sequence[OutgoingFile] = ()
+    ) -> Deferred[VisitView]:
+        """Send the conclusion in the visit's thread, then close the visit with its id (safe to
+        call again after a failure: a conclusion already sent is reused)."""
+        return Deferred.fromCoroutine(self.visit_book.close(visit, conclusion_text, files))
+
+    def consent_to_visit(self, visit: str) -> Deferred[SentMessage]:
+        """The patient agrees, in the visit's thread, that the visit is saved in their record."""
+        return Deferred.fromCoroutine(self.visit_book.consent(visit))
+
+    def save_record(
+        self,
+        *,
+        visit: str | None = None,
+        with_user: str | None = None,
+        from_ms: int | None = None,
+        to_ms: int | None = None,
+        records_user: str = RECORDS_USER,
+    ) -> Deferred[RecordSent]:
+        """Send a closed visit (`visit`), or the conversation with patient `with_user` between
+        `from_ms` and `to_ms`, to the records account as a verified record bundle."""
+        return Deferred.fromCoroutine(
+            self.visit_book.save_record(
+                visit=visit,
+                with_user=with_user,
+                from_ms=from_ms,
+                to_ms=to_ms,
+                records_user=records_user,
+            )
+        )
+
     def now_ms(self) -> int:
         return now_ms(self._clock)
 
@@ -463,6 +594,24 @@ class Engine:
         await self.profile.db.close()
         if self._on_close is not None:
             self._on_close()
+
+
+def _received(stored: StoredMessage) -> ReceivedMessage:
+    content = SignedContent.decode(stored.signed_content).content
+    return ReceivedMessage(
+        row_id=stored.row_id,
+        message_id=content.message_id,
+        sender_user=stored.sender_user,
+        sender_device=stored.sender_device,
+        recipients=content.recipients,
+        thread_id=content.thread_id,
+        kind=content.kind,
+        text=content.text,
+        sent_at_ms=content.sent_at_ms,
+        server_ms=stored.server_ms,
+        attachments=len(content.attachments),
+        signed_content=stored.signed_content,
+    )
 
 
 def _merge(

@@ -38,6 +38,9 @@ class LocalCode(enum.StrEnum):
     LINK_REFUSED = "link_refused"
     """A device link was refused: the digits did not match, or someone answered no."""
     CLOSED = "closed"
+    RECORD_REFUSED = "record_refused"
+    """A visit or thread cannot be saved in the medical record (yet): still open, no consent,
+    nothing to save, or the bundle does not verify on this device."""
 
 
 class ClientError(Exception):

@@ -15,6 +15,13 @@ flushed on every new connection and resends identical envelopes until `sent` arr
 is idempotent on the message id). `stale_devices` refreshes the device lists, keeps the envelopes
 of devices still current, encrypts for the new ones and resends under the same id.
 
+Kinds and threads (`send_to`). A content may carry another kind than text (a visit's
+`visit_opened`, `consent`, `conclusion`; `record_bundle`, `record_receipt`), name an explicit
+thread and be addressed to several users at once (one signature, encrypted for every device of
+them all). Whatever the thread, our messages in it chain through `thread_heads`: each names the
+hash of our previous content in the same thread as `previous_hash`, which is what lets a record
+bundle show that nothing was left out.
+
 Urgent. A message marked urgent asks the relay for the clinician's availability first: while
 they are away and someone is on call for their department, the content names both as its signed
 recipients and is encrypted for both users' devices, so the on-call clinician can read it at
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +65,7 @@ from medrelay.clients.engine.connection import Connector, ServerConnection, expe
 from medrelay.clients.engine.enrollment import b64url, now_ms
 from medrelay.clients.engine.errors import ClientError, LocalCode, RemoteError
 from medrelay.clients.engine.http import HttpClient, ServerUrl, json_answer
+from medrelay.clients.engine.record_messages import THREAD_KINDS
 from medrelay.clients.engine.store import (
     NOTICE_EXPIRED,
     NOTICE_FAILED,
@@ -114,8 +123,10 @@ from medrelay.crypto.certificates import (
     verify_device_chain,
 )
 from medrelay.crypto.content import (
+    ID_SIZE,
     KIND_TEXT,
     MAX_ATTACHMENTS,
+    MAX_KIND_BYTES,
     MAX_TEXT_BYTES,
     Content,
     LogView,
@@ -192,6 +203,9 @@ _TERMINAL_SEND_CODES: Final = frozenset(
 _PERMANENT_LOOKUP_CODES: Final = frozenset(
     {LocalCode.PEER_UNVERIFIED, ErrorCode.UNKNOWN_USER, LocalCode.BAD_SERVER_ANSWER}
 )
+
+_KIND: Final = re.compile(r"[a-z0-9][a-z0-9._-]*")
+"""What `Content` accepts as a kind (checked here so a bad one is a clean refusal)."""
 
 _log = Logger()
 _T = TypeVar("_T")
@@ -528,6 +542,7 @@ def message_view(
         ),
         error=error,
         flags=flags,
+        kind=content.kind,
     )
 
 
@@ -587,21 +602,52 @@ class Messenger:
         *,
         urgent: bool = False,
     ) -> SentMessage:
+        return await self.send_to((to_user,), text, files, urgent=urgent)
+
+    async def send_to(
+        self,
+        to_users: Sequence[str],
+        text: str,
+        files: Sequence[OutgoingFile] = (),
+        *,
+        urgent: bool = False,
+        kind: str = KIND_TEXT,
+        thread_id: bytes | None = None,
+    ) -> SentMessage:
+        """One signed content for every user of `to_users` (encrypted for all their devices and
+        our own other ones). Without `thread_id` it goes in the conversation thread with the
+        first of them. A visit's kinds (`THREAD_KINDS`) make `thread_id` the conversation thread
+        with each recipient, so replies land in it."""
         own = self._own
-        _check_message(to_user, text, files, own.user_id)
+        users = tuple(to_users)
+        if not users or len(set(users)) != len(users):
+            raise ClientError(LocalCode.INVALID_ARGUMENT, "give each recipient once")
+        if urgent and len(users) != 1:
+            raise ClientError(LocalCode.INVALID_ARGUMENT, "an urgent message has one recipient")
+        for user_id in users:
+            _check_message(user_id, text, files, own.user_id)
+        if len(kind.encode("utf-8")) > MAX_KIND_BYTES or not _KIND.fullmatch(kind):
+            raise ClientError(LocalCode.INVALID_ARGUMENT, f"{kind!r} is not a message kind")
+        if thread_id is not None and len(thread_id) != ID_SIZE:
+            raise ClientError(LocalCode.INVALID_ARGUMENT, f"a thread id is {ID_SIZE} bytes")
         await self._connector.when_ready(fail_fast=True)
-        recipient = await self._directory.user(to_user)
-        if not recipient.devices:
-            raise ClientError(
-                LocalCode.NOT_SENT, f"{to_user} has no enrolled device yet; nothing was sent"
-            )
-        recipients = await self._recipients(to_user, urgent)
+        for user_id in users:
+            recipient = await self._directory.user(user_id)
+            if not recipient.devices:
+                raise ClientError(
+                    LocalCode.NOT_SENT, f"{user_id} has no enrolled device yet; nothing was sent"
+                )
+        to_user = users[0]
+        recipients = (
+            await self._recipients(to_user, urgent) if urgent else canonical_recipients(users)
+        )
         for user_id in recipients:
             await self._directory.user(user_id)
         await self._directory.user(own.user_id)
         descriptors = [await self.upload(f) for f in files]
         message_id = new_message_id(self._rng)
         sent_at_ms = now_ms(self._clock)
+        conversations = users if kind in THREAD_KINDS else ()
 
         def persist(
             targets: Sequence[DeviceIdentity], bundles: Mapping[DeviceAddress, PrekeyBundle]
@@ -612,10 +658,13 @@ class Messenger:
                 to_user=to_user,
                 recipients=recipients,
                 urgent=urgent,
+                kind=kind,
                 text=text,
                 descriptors=descriptors,
                 message_id=message_id,
                 sent_at_ms=sent_at_ms,
+                thread_id=thread_id,
+                conversations=conversations,
                 targets=targets,
                 bundles=bundles,
             )
@@ -625,6 +674,33 @@ class Messenger:
         self._waiters.setdefault(entry.message_id, []).append(waiter)
         self.kick()
         return await waiter
+
+    async def wait_sent(self, message_id: bytes) -> None:
+        """Until our queued message `message_id` is confirmed by the relay (sent now if the
+        connection is up); fails if it was refused for good."""
+        own = self._own
+        waiter: Deferred[SentMessage] = Deferred()
+        self._waiters.setdefault(message_id, []).append(waiter)
+        self.kick()
+        stored = await self._profile.db.run_interaction(
+            "load_own_message",
+            get_message_txn,
+            self._profile.sealer,
+            own.user_id,
+            own.device_id,
+            message_id,
+        )
+        if stored is None or stored.status != STATUS_SENDING:
+            waiting = self._waiters.get(message_id, [])
+            if waiter in waiting:
+                waiting.remove(waiter)
+            if stored is None or stored.status == STATUS_FAILED:
+                reason = "it is not in this profile" if stored is None else stored.error
+                raise ClientError(
+                    LocalCode.NOT_SENT, f"message {message_id.hex()} was not sent: {reason}"
+                )
+            return
+        await waiter
 
     async def _recipients(self, to_user: str, urgent: bool) -> tuple[str, ...]:
         """Who the message is signed for: `to_user`, and for an urgent message while they are
@@ -779,16 +855,21 @@ class Messenger:
         to_user: str,
         recipients: Sequence[str],
         urgent: bool,
+        kind: str = KIND_TEXT,
         text: str,
         descriptors: Sequence[AttachmentDescriptor],
         message_id: bytes,
         sent_at_ms: int,
+        thread_id: bytes | None = None,
+        conversations: Sequence[str] = (),
         targets: Sequence[DeviceIdentity],
         bundles: Mapping[DeviceAddress, PrekeyBundle],
     ) -> OutboxEntry:
         profile = self._profile
         own = profile.secrets.device
-        thread_id = get_conversation_txn(conn, to_user) or new_thread_id(self._rng)
+        if thread_id is None:
+            thread_id = get_conversation_txn(conn, to_user) or new_thread_id(self._rng)
+            conversations = (to_user,)
         content = Content(
             thread_id=thread_id,
             message_id=message_id,
@@ -799,7 +880,7 @@ class Messenger:
             sent_at_ms=sent_at_ms,
             previous_hash=get_thread_head_txn(conn, thread_id),
             log_view=self._directory.log_view(),
-            kind=KIND_TEXT,
+            kind=kind,
             text=text,
             attachments=tuple(descriptors),
         )
@@ -826,7 +907,9 @@ class Messenger:
             read=True,  # written here: never "new" on this device
         )
         put_outbox_txn(conn, message_id, to_user, body, now)
-        set_conversation_txn(conn, to_user, thread_id, now)
+        for user_id in conversations:
+            set_conversation_txn(conn, user_id, thread_id, now)
+        # Our messages in one thread chain through its head, whoever they are addressed to.
         set_thread_head_txn(conn, thread_id, content_hash(content), sent_at_ms)
         return OutboxEntry(message_id, to_user, body, now, 0)
 

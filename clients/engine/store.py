@@ -889,6 +889,30 @@ def list_messages_txn(
     return [_message_from_row(row, sealer) for row in reversed(rows)]
 
 
+def list_thread_messages_txn(
+    conn: sqlite3.Connection, sealer: Sealer, thread_id: bytes
+) -> list[StoredMessage]:
+    """Every message of one thread, sent or received, in the order they were stored."""
+    rows = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages "  # noqa: S608 (a constant column list)
+        "WHERE thread_id = ? ORDER BY id",
+        (thread_id,),
+    ).fetchall()
+    return [_message_from_row(row, sealer) for row in rows]
+
+
+def list_received_after_txn(
+    conn: sqlite3.Connection, sealer: Sealer, row_id: int, limit: int
+) -> list[StoredMessage]:
+    """Received messages (not our own, nor copies of them) stored after row `row_id`."""
+    rows = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages "  # noqa: S608 (a constant column list)
+        "WHERE id > ? AND outgoing = 0 ORDER BY id LIMIT ?",
+        (row_id, limit),
+    ).fetchall()
+    return [_message_from_row(row, sealer) for row in rows]
+
+
 def mark_messages_read_txn(conn: sqlite3.Connection, row_ids: Sequence[int]) -> None:
     conn.executemany("UPDATE messages SET read = 1 WHERE id = ?", [(i,) for i in row_ids])
 

@@ -16,6 +16,7 @@ user gets a signed automatic reply (or the urgent notices), flags on the deliver
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -102,6 +103,7 @@ from medrelay.protocol.messages import (
     Error,
     Hello,
     HoursInterval,
+    Indication,
     ItemFlag,
     ItemKind,
     Limits,
@@ -121,12 +123,23 @@ from medrelay.protocol.messages import (
     ScheduleSet,
     Send,
     Sent,
+    VisitClose,
+    VisitInfo,
+    VisitList,
+    VisitOpen,
+    Visits,
     Welcome,
 )
 
 FAR_FUTURE_MS: Final = 4_102_444_800_000
 """2100-01-01: test certificates never expire during a test."""
 TOKEN_LIFETIME_MS: Final = 7 * 24 * 3600 * 1000
+TEST_INDICATIONS: Final = (
+    Indication("test-results", "Interpreting test results after ordered diagnostics"),
+    Indication("sick-leave-closing", "Closing a sick-leave certificate"),
+    Indication("treatment-questions", "Questions about the prescribed treatment"),
+)
+_VISIT_ALPHABET: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 _T = TypeVar("_T")
 
@@ -328,6 +341,14 @@ class FakeRelay:
         self.notice_key = clinic.issuing
         """What signs clinic notices (a test swaps in another key to play a forger)."""
         self.tamper_proofs = False
+        # Visits: `care_links` holds the (patient, clinician) pairs with an active care link;
+        # the clinic's indications and consent mode are knobs.
+        self.care_links: set[tuple[str, str]] = set()
+        self.visits: dict[str, VisitInfo] = {}
+        self.indications: tuple[Indication, ...] = TEST_INDICATIONS
+        self.consent_mode = "notice"
+        self.refuse_next_visit: ErrorCode | None = None
+        """Refuse the next visit request with this code (a failure between two steps)."""
         self.clinic_keys: list[bytes] = []
         for certificate in (clinic.issuing_certificate, clinic.log_certificate):
             self.clinic_keys.append(certificate.encode())
@@ -529,6 +550,8 @@ class FakeRelay:
             self._availability(link, message)
         elif isinstance(message, RosterAdd | RosterRemove | RosterGet):
             self._roster(link, message)
+        elif isinstance(message, VisitOpen | VisitClose | VisitList):
+            self._visit(link, link.device.user_id, message)
         elif isinstance(message, Ack):
             device = link.device
             acked = set(message.seqs)
@@ -702,6 +725,96 @@ class FakeRelay:
                 )
             )
         self._push_queues()
+
+    # -- visits ----------------------------------------------------------------------------
+
+    def _visits_answer(self, rid: int, visits: list[VisitInfo]) -> Visits:
+        return Visits(
+            rid=rid, visits=tuple(visits), indications=self.indications, consent=self.consent_mode
+        )
+
+    def _visit(
+        self, link: _Link, user_id: str, message: VisitOpen | VisitClose | VisitList
+    ) -> None:
+        """The server's semantics: doctors open visits for patients they have an active care
+        link with (one open visit per pair); only the visit's clinician closes it; everyone
+        lists their own, newest first; the records account may read any visit by id."""
+        role = self.users[user_id].role
+        if self.refuse_next_visit is not None:
+            code, self.refuse_next_visit = self.refuse_next_visit, None
+            link.push(_error(code, message.rid))
+            return
+        if isinstance(message, VisitOpen):
+            self._visit_open(link, user_id, role, message)
+            return
+        if isinstance(message, VisitClose):
+            found = self.visits.get(message.visit.upper())
+            if found is None or found.clinician != user_id:
+                link.push(_error(ErrorCode.NOT_FOUND, message.rid))
+            elif found.closed_ms is not None and found.conclusion != message.conclusion:
+                link.push(_error(ErrorCode.FORBIDDEN, message.rid))
+            else:
+                if found.closed_ms is None:
+                    found = dataclasses.replace(
+                        found, closed_ms=self.now_ms(), conclusion=message.conclusion
+                    )
+                    self.visits[found.visit] = found
+                link.push(self._visits_answer(message.rid, [found]))
+            return
+        if message.visit is not None:
+            found = self.visits.get(message.visit.upper())
+            if found is None or (
+                user_id not in (found.patient, found.clinician) and role is not Role.RECORDS
+            ):
+                link.push(_error(ErrorCode.NOT_FOUND, message.rid))
+                return
+            shown = [] if message.open_only and found.closed_ms is not None else [found]
+            link.push(self._visits_answer(message.rid, shown))
+            return
+        own = [
+            v
+            for v in self.visits.values()
+            if user_id in (v.patient, v.clinician)
+            and not (message.open_only and v.closed_ms is not None)
+        ]
+        own.sort(key=lambda v: v.opened_ms, reverse=True)
+        link.push(self._visits_answer(message.rid, own))
+
+    def _visit_open(self, link: _Link, user_id: str, role: Role, message: VisitOpen) -> None:
+        patient = self.users.get(message.patient)
+        refusal: tuple[ErrorCode, str] | None = None
+        if role is not Role.DOCTOR:
+            refusal = (ErrorCode.FORBIDDEN, "only doctors open visits")
+        elif message.indication not in {i.code for i in self.indications}:
+            refusal = (ErrorCode.INVALID_FIELD, f"{message.indication!r} is not an indication")
+        elif patient is None or patient.role is not Role.PATIENT:
+            refusal = (ErrorCode.UNKNOWN_USER, f"no patient {message.patient}")
+        elif (message.patient, user_id) not in self.care_links:
+            refusal = (
+                ErrorCode.FORBIDDEN,
+                f"you have no care link with {message.patient}: a teleconsultation follows an "
+                "in-person visit",
+            )
+        elif any(
+            (v.patient, v.clinician) == (message.patient, user_id) and v.closed_ms is None
+            for v in self.visits.values()
+        ):
+            refusal = (ErrorCode.FORBIDDEN, f"{message.patient} already has an open visit")
+        if refusal is not None:
+            link.push(Error(code=refusal[0], message=refusal[1], rid=message.rid))
+            return
+        visit_id = "V" + "".join(_VISIT_ALPHABET[b % 32] for b in self.rng(8))
+        info = VisitInfo(
+            visit=visit_id,
+            thread=self.rng(16),
+            patient=message.patient,
+            clinician=user_id,
+            indication=message.indication,
+            consent=self.consent_mode,
+            opened_ms=self.now_ms(),
+        )
+        self.visits[visit_id] = info
+        link.push(self._visits_answer(message.rid, [info]))
 
     # -- availability ----------------------------------------------------------------------
 

@@ -57,6 +57,18 @@ def _log_conflict(detail: str) -> ClientError:
 
 
 @dataclass(frozen=True, slots=True)
+class UserEvidence:
+    """One `log` answer about a user, verified: the checkpoint (note and parsed), the clinic key
+    certificates it came with, and the user's events as (leaf index, event, inclusion proof)."""
+
+    user_id: str
+    note: bytes
+    checkpoint: Checkpoint
+    clinic_keys: tuple[ClinicKeyCertificate, ...]
+    events: tuple[tuple[int, bytes, tuple[bytes, ...]], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PinnedLog:
     checkpoint: Checkpoint
     note: bytes
@@ -177,6 +189,9 @@ class LogVerifier:
             self._lock.release()
 
     async def _user_state(self, user_id: str) -> UserState:
+        return (await self._user_answer(user_id))[2]
+
+    async def _user_answer(self, user_id: str) -> tuple[LogAnswer, Checkpoint, UserState]:
         answer = await self._fetch(user=user_id)
         checkpoint = await self._accept(answer)
         if answer.user != user_id:
@@ -192,13 +207,33 @@ class LogVerifier:
                     checkpoint.root_hash,
                 )
                 events.append(LogEvent.decode(leaf.event))
-            return replay_user_events(user_id, events, self.trust)
+            return answer, checkpoint, replay_user_events(user_id, events, self.trust)
         except (ProofError, MalformedEncoding) as exc:
             raise ClientError(
                 LocalCode.PEER_UNVERIFIED,
                 f"the identity log does not prove the keys of {user_id} ({exc}); "
                 "refusing to use them",
             ) from None
+
+    async def evidence(self, user_id: str) -> UserEvidence:
+        """A user's whole event chain with inclusion proofs into a fresh checkpoint, verified
+        (and the checkpoint kept) as `user_state` does: what a record bundle carries."""
+        await self._lock.acquire()
+        try:
+            answer, checkpoint, _ = await self._user_answer(user_id)
+        finally:
+            self._lock.release()
+        try:
+            keys = tuple(ClinicKeyCertificate.decode(data) for data in answer.clinic_keys)
+        except CryptoError as exc:  # it verified in `_accept`: unreachable
+            raise _log_conflict(f"answer does not decode ({exc})") from None
+        return UserEvidence(
+            user_id=user_id,
+            note=answer.checkpoint,
+            checkpoint=checkpoint,
+            clinic_keys=keys,
+            events=tuple((leaf.index, leaf.event, leaf.proof) for leaf in answer.events),
+        )
 
     async def check_view(self, view: LogView) -> str | None:
         """A warning when a sender's `log_view` conflicts with our log, else None."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from medrelay.crypto.content import KIND_TEXT
+
 KIND_FAILED: Final = "failed"
 KIND_EXPIRED: Final = "expired"
 KIND_SECURITY: Final = "security"
@@ -49,6 +51,46 @@ class MessageView:
     flags: tuple[str, ...] = ()
     """What the relay said about a received message: "urgent" (the sender marked it),
     "after_hours" (it reached us outside our hours), "held" (it waited for our hours)."""
+    kind: str = KIND_TEXT
+    """The signed kind: text, or a visit's (visit_opened, consent, conclusion) or a record's
+    (record_bundle, record_receipt) message (medrelay.clients.engine.record_messages)."""
+    receipt: ReceiptView | None = None
+    """A `record_receipt` from the clinic's records account, decoded."""
+    receipt_error: str | None = None
+    """A `record_receipt` that cannot be trusted or read: why (shown as failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptView:
+    """What the records gateway said about a saved visit (a `RecordReceipt`)."""
+
+    visit_id: str
+    saved: bool
+    records: tuple[str, ...]
+    reason: str | None
+    bundle_sha256: str
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    """A received message in profile order, for programs that poll (the records gateway):
+    `row_id` increases with every stored message, so `Engine.received_after(row_id)` resumes."""
+
+    row_id: int
+    message_id: bytes
+    sender_user: str
+    sender_device: str
+    recipients: tuple[str, ...]
+    thread_id: bytes
+    kind: str
+    text: str = field(repr=False)
+    sent_at_ms: int
+    server_ms: int | None
+    attachments: int
+    """How many attachments it has (`Engine.attachments(message_id)` fetches them)."""
+    signed_content: bytes = field(default=b"", repr=False)
+    """The exact signed bytes, for a program that keeps the sender's signature as evidence."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,3 +183,56 @@ class SavedAttachment:
     file_name: str = field(repr=False)
     media_type: str
     data: bytes = field(repr=False)
+
+
+# --- visits and the medical record ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IndicationView:
+    code: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class VisitView:
+    """A teleconsultation visit as the relay keeps it."""
+
+    visit_id: str
+    thread_id: bytes
+    patient: str
+    clinician: str
+    indication: str
+    indication_name: str | None
+    """The clinic's name for the indication (None if it is no longer on the clinic's list)."""
+    consent: str
+    """notice (the patient is told the visit is saved) or explicit (they must agree first)."""
+    opened_ms: int
+    closed_ms: int | None
+    conclusion: bytes | None
+    """The id of the conclusion message, once closed."""
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed_ms is None
+
+
+@dataclass(frozen=True, slots=True)
+class VisitsView:
+    visits: tuple[VisitView, ...]
+    indications: tuple[IndicationView, ...]
+    consent: str
+    """The clinic's consent mode for new visits."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSent:
+    """A record bundle sent to the records account (its receipt arrives later, in the thread)."""
+
+    visit_id: str
+    thread_id: bytes
+    """The thread the bundle documents (where the receipt arrives)."""
+    messages: int
+    bundle_sha256: str
+    bundle_bytes: int
+    sent: SentMessage

@@ -467,6 +467,32 @@ def _device_spans(events: Sequence[tuple[int, LogEvent]]) -> dict[bytes, _Device
     return spans
 
 
+@dataclass(frozen=True, slots=True)
+class RevocationTimes:
+    """When a user's keys stopped being usable, from their verified chain: the account's
+    revocation (None while it stands) and, by device id, each device that was revoked, lost its
+    account or had its user's identity key replaced."""
+
+    account_revoked_at_ms: int | None
+    devices: Mapping[str, int]
+
+
+def revocation_times(events: Sequence[LogEvent]) -> RevocationTimes:
+    """`RevocationTimes` of a user's event chain, in chain order (replay it first: this
+    trusts the events). The records gateway checks a bundle's senders against the live log
+    with it, where the bundle's own checkpoint may predate a revocation."""
+    account: int | None = None
+    for event in events:
+        if event.kind is EventKind.USER_REVOKED:
+            account = Revocation.decode(event.payload).revoked_at_ms
+    ended: dict[str, int] = {}
+    for span in _device_spans(list(enumerate(events))).values():
+        if span.ended_ms is not None:
+            device = span.certificate.device_id
+            ended[device] = min(span.ended_ms, ended.get(device, span.ended_ms))
+    return RevocationTimes(account, ended)
+
+
 def _message_name(index: int, content: Content) -> str:
     return f"message {index} (id {content.message_id.hex()})"
 

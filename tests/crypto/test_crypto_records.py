@@ -38,7 +38,9 @@ from medrelay.crypto.records import (
     MAX_RECORD_BUNDLE_BYTES,
     RecordBundle,
     RecordVisit,
+    RevocationTimes,
     build_record_bundle,
+    revocation_times,
     verify_record_bundle,
 )
 from medrelay.crypto.rng import Rng
@@ -569,3 +571,21 @@ def test_invalid_visits_are_refused_when_built(world: World) -> None:
         world.visit(clinician=PATIENT)
     with pytest.raises(ValueError, match="visit id"):
         world.visit(visit_id="bad\nid")
+
+
+def _chain(world: World, user_id: str) -> list[LogEvent]:
+    events = [LogEvent.decode(leaf) for leaf in world.leaves]
+    return [event for event in events if event.subject == user_id]
+
+
+def test_revocation_times_name_each_revoked_device_and_the_account(world: World) -> None:
+    doctor = revocation_times(_chain(world, DOCTOR))
+    assert doctor == RevocationTimes(None, {"laptop": REVOKED_AT})
+    assert revocation_times(_chain(world, PATIENT)) == RevocationTimes(None, {})
+    revocation = issue_revocation(
+        world.issuing, user_id=PATIENT, device_id="", revoked_at_ms=REVOKED_AT + 5
+    )
+    world.append(EventKind.USER_REVOKED, PATIENT, revocation.encode())
+    assert revocation_times(_chain(world, PATIENT)) == RevocationTimes(
+        REVOKED_AT + 5, {"phone": REVOKED_AT + 5}
+    )

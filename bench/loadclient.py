@@ -1,7 +1,8 @@
 """A raw medrelay protocol client for load generation and black-box tests: a minimal asyncio
 WebSocket client (binary frames, client masking, pings) and a logged-in `Device` speaking
 protocol v1 frames, plus seeding of accounts and devices straight into a server's database
-(the relay only needs the rows; enrollment's Argon2 would dominate setting up 10,000 devices).
+(the relay only needs the rows; enrollment's Argon2 would dominate setting up 10,000 devices),
+and of session tokens (`seed_sessions`), so a load generator can log in with `resume` alone.
 
 Shared by bench/relay_bench.py and the integration tests (tests put bench/ on their path).
 """
@@ -34,7 +35,7 @@ from medrelay.protocol.messages import (
 )
 from medrelay.server.storage.database import make_engine
 from medrelay.server.storage.migrate import upgrade_to_head
-from medrelay.server.storage.schema import accounts, devices, signed_prekeys
+from medrelay.server.storage.schema import accounts, devices, sessions, signed_prekeys
 
 
 def free_port() -> int:
@@ -111,6 +112,43 @@ def seed(url: str, count: int, first: int = 0) -> None:
             sa.insert(signed_prekeys),
             [{"device_pk": pk, "prekey": b"spk", "created_at": now} for pk in device_pks],
         )
+    engine.dispose()
+
+
+def session_token(index: int) -> bytes:
+    """The 32-byte session token `seed_sessions` gives device "d" of user `index`."""
+    return hashlib.sha256(b"relay bench session %d" % index).digest()
+
+
+def seed_sessions(url: str, count: int, first: int = 0) -> None:
+    """A session for device "d" of users u<first>.. (seeded with `seed`), as `auth` would have
+    created it: the server stores the token's SHA-256 digest (docs/protocol.md §5). A device
+    then logs in with `resume {token: session_token(index)}`, no signature needed."""
+    engine = make_engine(url)
+    now = int(time.time() * 1000)
+    expires = now + 24 * 3600 * 1000
+    with engine.begin() as conn:
+        by_user = dict(
+            conn.execute(
+                sa.select(accounts.c.username, devices.c.pk)
+                .join(devices, devices.c.account_pk == accounts.c.pk)
+                .where(devices.c.device_id == "d")
+            ).all()
+        )
+        for start in range(first, first + count, 1000):
+            chunk = range(start, min(first + count, start + 1000))
+            conn.execute(
+                sa.insert(sessions),
+                [
+                    {
+                        "token_hash": hashlib.sha256(session_token(i)).digest(),
+                        "device_pk": by_user[username(i)],
+                        "created_at": now,
+                        "expires_at": expires,
+                    }
+                    for i in chunk
+                ],
+            )
     engine.dispose()
 
 

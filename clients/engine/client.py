@@ -87,6 +87,7 @@ from medrelay.clients.engine.views import (
 )
 from medrelay.clients.engine.visits import VisitBook
 from medrelay.clients.engine.websocket import WebSocketDialer
+from medrelay.crypto.attachments import AttachmentDescriptor
 from medrelay.crypto.certificates import Role
 from medrelay.crypto.content import SignedContent
 from medrelay.crypto.rng import Rng
@@ -395,6 +396,11 @@ class Engine:
         return Deferred.fromCoroutine(
             self.messenger.send_to(recipients, text, files, kind=kind, thread_id=thread_id)
         )
+
+    def download(self, descriptor: AttachmentDescriptor) -> Deferred[bytes]:
+        """Download one attachment by its signed descriptor, checked and decrypted (the records
+        gateway fetches the attachments a record bundle's messages describe)."""
+        return Deferred.fromCoroutine(self.messenger.download(descriptor))
 
     def attachments(self, message_id: bytes) -> Deferred[list[SavedAttachment]]:
         """Download, check and decrypt every attachment of a stored message."""

@@ -13,7 +13,14 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
+from medrelay.crypto.attachments import AttachmentDescriptor
 from medrelay.crypto.keys import VerifyKey
+
+
+class AttachmentUnavailable(Exception):
+    """An attachment can never be fetched: the relay no longer has it (attachments live as
+    long as undelivered messages, 30 days by default) or it does not match its signed
+    description. The message is one line, without content."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +110,11 @@ class RecordsEngine(Protocol):
 
     def visit(self, visit_id: str) -> Deferred[VisitLookup]:
         """The server's visit with that id (the records account may read any)."""
+        ...
+
+    def download(self, descriptor: AttachmentDescriptor) -> Deferred[bytes]:
+        """One attachment a record's message describes, checked against its signed hashes;
+        fails with `AttachmentUnavailable` when it never can be fetched."""
         ...
 
     def revocations(self, user_id: str) -> Deferred[LiveRevocations]:

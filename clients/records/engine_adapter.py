@@ -14,15 +14,17 @@ from collections.abc import Sequence
 from twisted.internet.defer import Deferred
 
 from medrelay.clients.engine.client import Engine
-from medrelay.clients.engine.errors import ClientError
+from medrelay.clients.engine.errors import ClientError, LocalCode
 from medrelay.clients.engine.views import ReceivedMessage as EngineReceived
 from medrelay.clients.records.api import (
+    AttachmentUnavailable,
     FetchedAttachment,
     LiveRevocations,
     ReceivedMessage,
     ServerVisit,
     VisitLookup,
 )
+from medrelay.crypto.attachments import AttachmentDescriptor
 from medrelay.crypto.keys import VerifyKey
 from medrelay.crypto.records import revocation_times
 from medrelay.crypto.transparency import LogEvent
@@ -69,6 +71,21 @@ class EngineAdapter:
     def attachments(self, message_id: bytes) -> Deferred[list[FetchedAttachment]]:
         d = self.engine.attachments(message_id)
         return d.addCallback(lambda saved: [FetchedAttachment(s.media_type, s.data) for s in saved])
+
+    def download(self, descriptor: AttachmentDescriptor) -> Deferred[bytes]:
+        async def fetch() -> bytes:
+            try:
+                return await self.engine.download(descriptor)
+            except ClientError as exc:
+                if exc.code.value == "not_found":
+                    raise AttachmentUnavailable("it is no longer on the relay") from None
+                if exc.code is LocalCode.ATTACHMENT_INVALID:
+                    raise AttachmentUnavailable(
+                        "it does not match its signed description"
+                    ) from None
+                raise
+
+        return Deferred.fromCoroutine(fetch())
 
     def visit(self, visit_id: str) -> Deferred[VisitLookup]:
         async def lookup() -> VisitLookup:

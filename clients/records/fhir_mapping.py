@@ -15,9 +15,9 @@ The mapping (docs/records.md has the table):
 - one Communication per message: identifier `urn:medrelay:<clinic>:message|<message id hex>`,
   status `completed`, category the message kind (system `urn:medrelay:message-kind`), sent,
   sender, recipients, subject, encounter, payload (the text as contentString, one
-  contentAttachment per attachment: media type, size, file name, and its SHA-256 in the
-  extension `ATTACHMENT_SHA256_URL`, because R4's `Attachment.hash` is SHA-1 and the signed
-  descriptor only holds SHA-256), inResponseTo for a reply whose original is in the bundle;
+  contentAttachment per attachment: media type, size, file name, the file itself as `data`
+  with R4's SHA-1 `hash`, and its SHA-256 in the extension `ATTACHMENT_SHA256_URL` (the hash
+  the sender signed)), inResponseTo for a reply whose original is in the bundle;
 - the conclusion as a Composition: identifier `urn:medrelay:<clinic>:composition|<visit id>`,
   LOINC 11488-4 "Consult note", the conclusion text as section narrative, section entry the
   conclusion Communication;
@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import html
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -88,6 +89,9 @@ class MirrorInput:
     gateway_user: str
     recorded_ms: int
     indication_name: str | None = None
+    attachment_data: Mapping[tuple[int, int], bytes] = field(default_factory=dict)
+    """(message index, attachment index) -> the file's bytes, embedded as `Attachment.data`
+    (with R4's SHA-1 `hash`); an attachment without bytes here is described only."""
     request_signed: bytes = b""
     """The `record_bundle` message as the clinician's device signed it: its attachment
     descriptor holds the record bundle's SHA-256, so this signature vouches for the visit
@@ -227,7 +231,7 @@ class _Builder:
         payload: list[dict[str, Any]] = []
         if content.text:
             payload.append({"contentString": content.text})
-        for descriptor in content.attachments:
+        for number, descriptor in enumerate(content.attachments):
             attachment: dict[str, Any] = {
                 "extension": [
                     {"url": ATTACHMENT_SHA256_URL, "valueString": descriptor.plaintext_sha256.hex()}
@@ -237,6 +241,12 @@ class _Builder:
             }
             if descriptor.file_name:
                 attachment["title"] = descriptor.file_name
+            data = self.source.attachment_data.get((index, number))
+            if data is not None:
+                attachment["data"] = base64.b64encode(data).decode("ascii")
+                # R4 defines Attachment.hash as the base64 SHA-1 of the data.
+                sha1 = hashlib.sha1(data, usedforsecurity=False).digest()
+                attachment["hash"] = base64.b64encode(sha1).decode("ascii")
             payload.append({"contentAttachment": attachment})
         resource: dict[str, Any] = {
             "resourceType": "Communication",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,6 +35,7 @@ from medrelay.clients.engine.record_messages import (
     RecordRequest,
 )
 from medrelay.clients.records.api import (
+    AttachmentUnavailable,
     LiveRevocations,
     ReceivedMessage,
     RecordsEngine,
@@ -92,6 +93,10 @@ class Temporary(Exception):
     """The check could not be made now; the message will be tried again."""
 
 
+MAX_ATTACHMENT_BYTES: Final = 50 * 1024 * 1024
+"""The most a record's attachments may weigh together (they travel inside the FHIR Bundle)."""
+
+
 def mirror_id_for(visit_id: str, bundle_sha256: str) -> str:
     return hashlib.sha256(f"{visit_id}\n{bundle_sha256}".encode()).hexdigest()[:32]
 
@@ -123,6 +128,8 @@ class _Accepted:
     bundle_sha256: str
     signed_messages: tuple[bytes, ...]
     indication_name: str | None
+    attachments: Mapping[tuple[int, int], bytes]
+    """(message index, attachment index) -> the file, checked against its signed hashes."""
 
 
 class RecordsGateway:
@@ -136,8 +143,10 @@ class RecordsGateway:
         jitter: Callable[[], float],
         backoff: Backoff | None = None,
         receipt_backoff: Backoff | None = None,
+        max_attachment_bytes: int = MAX_ATTACHMENT_BYTES,
     ) -> None:
         self.engine = engine
+        self.max_attachment_bytes = max_attachment_bytes
         self.outbox = outbox
         self.sink = sink
         self.clock = clock
@@ -312,6 +321,7 @@ class RecordsGateway:
                     recorded_ms=message.sent_at_ms,
                     indication_name=accepted.indication_name,
                     request_signed=message.signed_content,
+                    attachment_data=accepted.attachments,
                 )
             )
         except MappingError as exc:
@@ -419,7 +429,30 @@ class RecordsGateway:
             self._compare(record, lookup.visit)
             indication_name = lookup.indications.get(visit.indication_code)
         await self._check_live_log(record)
-        return _Accepted(record, bundle_sha, bundle.messages, indication_name)
+        attachments = await self._fetch_attachments(record)
+        return _Accepted(record, bundle_sha, bundle.messages, indication_name, attachments)
+
+    async def _fetch_attachments(self, record: VerifiedRecord) -> dict[tuple[int, int], bytes]:
+        """Every file the record's messages carry, so the record holds them, not references to
+        a relay that forgets them (their signed descriptors pin size and SHA-256)."""
+        total = sum(a.size for m in record.messages for a in m.content.attachments)
+        if total > self.max_attachment_bytes:
+            raise Refused(
+                f"the visit's attachments total {total // (1024 * 1024)} MiB, more than the "
+                f"{self.max_attachment_bytes // (1024 * 1024)} MiB a record may carry"
+            )
+        files: dict[tuple[int, int], bytes] = {}
+        for index, message in enumerate(record.messages):
+            for number, descriptor in enumerate(message.content.attachments):
+                short_id = message.content.message_id.hex()[:16]
+                name = f"attachment {number} of message {index} ({short_id})"
+                try:
+                    files[index, number] = await self.engine.download(descriptor)
+                except AttachmentUnavailable as exc:
+                    raise Refused(f"{name} cannot be fetched: {exc}") from None
+                except Exception as exc:
+                    raise Temporary(f"{name} could not be fetched now") from exc
+        return files
 
     def _check_thread_export(self, record: VerifiedRecord) -> None:
         visit = record.visit

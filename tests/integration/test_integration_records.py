@@ -10,6 +10,8 @@ gateway's signed receipt in the visit's thread.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import signal
@@ -67,6 +69,9 @@ class Gateway:
                 self.process.wait()
 
 
+REPORT = b"%PDF-1.4 glucose 5.4 mmol/l (fasting), HbA1c 5.6 %"
+
+
 def talk_then_close(doctor: Person, patient: Person) -> tuple[str, list[str], str]:
     """Open a visit, exchange messages in its thread and close it; the visit id, the texts of
     the conversation and the conclusion."""
@@ -83,7 +88,9 @@ def talk_then_close(doctor: Person, patient: Person) -> tuple[str, list[str], st
     assert (first["text"], first["thread"]) == (said[0], opened["thread"])
     doctor.send("petrov", said[1])
     conclusion = "Glucose within the normal range. Continue metformin 500 mg twice daily."
-    closed = doctor.json("visit", "close", visit, "--conclusion", conclusion)
+    report = doctor.profile.parent / "report.pdf"
+    report.write_bytes(REPORT)
+    closed = doctor.json("visit", "close", visit, "--conclusion", conclusion, "--file", str(report))
     assert closed["open"] is False and closed["conclusion"] is not None
     texts = [m["text"] for m in patient.inbox()]
     assert texts == [said[1], conclusion]
@@ -121,6 +128,12 @@ def check_bundle(bundle: dict[str, Any], visit: str, said: list[str], conclusion
     spoken = [c["payload"][0]["contentString"] for c in communications]
     # The visit-opened notice, the two messages and the conclusion, in the order they were sent.
     assert spoken[1:] == [*said, conclusion] and visit in spoken[0]
+    # The conclusion's attachment is in the record itself, with the hash R4 defines.
+    (attachment,) = [
+        p["contentAttachment"] for p in communications[-1]["payload"] if "contentAttachment" in p
+    ]
+    assert base64.b64decode(attachment["data"]) == REPORT
+    assert attachment["hash"] == base64.b64encode(hashlib.sha1(REPORT).digest()).decode()  # noqa: S324
     (composition,) = resources(bundle, "Composition")
     assert conclusion in json.dumps(composition, ensure_ascii=False)
     (provenance,) = resources(bundle, "Provenance")

@@ -19,6 +19,7 @@ from medrelay.clients.engine.record_messages import (
     RecordRequest,
 )
 from medrelay.clients.records.api import (
+    AttachmentUnavailable,
     FetchedAttachment,
     LiveRevocations,
     ReceivedMessage,
@@ -235,6 +236,10 @@ class FakeEngine:
         self.sent: list[tuple[tuple[str, ...], bytes, str, str]] = []
         self.send_failures = 0
         self.visit_failures = 0
+        self.gone_blobs: set[str] = set()
+        """Attachments the relay no longer has."""
+        self.download_failures = 0
+        """Downloads that fail for now (the relay unreachable)."""
 
     @property
     def user_id(self) -> str:
@@ -290,6 +295,14 @@ class FakeEngine:
             return fail(ConnectionError("server unreachable"))
         return succeed(VisitLookup(self.visits.get(visit_id), INDICATIONS))
 
+    def download(self, descriptor: AttachmentDescriptor) -> Deferred[bytes]:
+        if descriptor.blob_id in self.gone_blobs:
+            return fail(AttachmentUnavailable("it is no longer on the relay"))
+        if self.download_failures:
+            self.download_failures -= 1
+            return fail(ConnectionError("relay unreachable"))
+        return succeed(blob_content(descriptor))
+
     def revocations(self, user_id: str) -> Deferred[LiveRevocations]:
         return succeed(self.live.get(user_id, LiveRevocations()))
 
@@ -301,6 +314,11 @@ class FakeEngine:
             return fail(ConnectionError("not connected"))
         self.sent.append((tuple(recipients), thread_id, kind, text))
         return succeed(None)
+
+
+def blob_content(descriptor: AttachmentDescriptor) -> bytes:
+    """The fake relay's file behind a descriptor (the fake engine does not check hashes)."""
+    return b"%PDF-1.7 ECG trace " + descriptor.blob_id.encode()
 
 
 def make_world(rng: Rng) -> World:

@@ -4,6 +4,7 @@ permanent refusals become failed receipts with a clear one-line reason."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from pathlib import Path
@@ -20,6 +21,7 @@ from records_world import (
     VISIT_ID,
     FakeEngine,
     World,
+    blob_content,
 )
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
@@ -108,7 +110,8 @@ def setup(rng: Rng, tmp_path: Path) -> Setup:
 
 
 def test_a_valid_record_is_saved_and_both_parties_get_the_receipt(setup: Setup) -> None:
-    bundle = setup.world.bundle(setup.world.exchange())
+    messages = setup.world.exchange()
+    bundle = setup.world.bundle(messages)
     setup.engine.deliver_bundle(bundle)
     setup.gateway.start()
     (path,) = setup.files()
@@ -122,6 +125,9 @@ def test_a_valid_record_is_saved_and_both_parties_get_the_receipt(setup: Setup) 
     assert receipt.visit_id == VISIT_ID
     assert receipt.records[0].startswith("Encounter/")
     assert setup.outbox.counts()["mirrors"]["delivered"] == 1
+    # The attachment itself is in the record, not only its description.
+    (descriptor,) = messages[2].content.attachments
+    assert base64.b64encode(blob_content(descriptor)).decode() in path.read_text()
 
 
 def test_a_replayed_request_and_a_restart_save_nothing_twice(setup: Setup) -> None:
@@ -327,6 +333,30 @@ def test_explicit_consent_given_in_the_thread_is_saved(setup: Setup) -> None:
     setup.engine.deliver_bundle(bundle)
     setup.gateway.start()
     assert [r.saved for _, _, r in setup.receipts()] == [True]
+
+
+def test_an_attachment_the_relay_no_longer_has_is_refused(setup: Setup) -> None:
+    messages = setup.world.exchange()
+    bundle = setup.world.bundle(messages)
+    (descriptor,) = messages[2].content.attachments
+    setup.engine.gone_blobs.add(descriptor.blob_id)
+    setup.engine.deliver_bundle(bundle)
+    refused(setup, "attachment 0 of message 2")
+
+
+def test_an_attachment_that_cannot_be_fetched_now_is_tried_again(setup: Setup) -> None:
+    setup.engine.download_failures = 1
+    setup.engine.deliver_bundle(setup.world.bundle(setup.world.exchange()))
+    setup.gateway.start()
+    assert setup.receipts() == []
+    setup.clock.advance(10)
+    assert [r.saved for _, _, r in setup.receipts()] == [True]
+
+
+def test_attachments_heavier_than_a_record_may_carry_are_refused(setup: Setup) -> None:
+    setup.gateway.max_attachment_bytes = 1024
+    setup.engine.deliver_bundle(setup.world.bundle(setup.world.exchange()))
+    refused(setup, "more than the 0 MiB a record may carry")
 
 
 def test_garbage_instead_of_a_bundle_is_refused(setup: Setup) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -101,6 +102,18 @@ def test_the_clinicians_signed_request_is_kept_as_the_source_signature(rng: Rng)
     assert last["type"][0]["code"] == SOURCE_SIGNATURE
     assert base64.b64decode(last["data"]) == request
     assert last["who"]["identifier"]["value"] == DOCTOR
+
+
+def test_attachment_bytes_are_embedded_with_r4s_sha1_hash(rng: Rng) -> None:
+    source, _ = mirror_input(World(rng))
+    data = b"%PDF-1.7 an ECG trace"
+    bundle = build_transaction(dataclasses.replace(source, attachment_data={(2, 0): data}))
+    Bundle.model_validate(bundle)
+    attachment = resources(bundle, "Communication")[2]["payload"][1]["contentAttachment"]
+    assert base64.b64decode(attachment["data"]) == data
+    assert attachment["hash"] == base64.b64encode(hashlib.sha1(data).digest()).decode()  # noqa: S324
+    described_only = resources(build_transaction(source), "Communication")[2]["payload"][1]
+    assert "data" not in described_only["contentAttachment"]
 
 
 def test_every_entry_is_idempotent_on_the_server(rng: Rng) -> None:

@@ -22,6 +22,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 DATA = Path(__file__).resolve().parent / "data"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the long tests (marked `slow`: real processes, real time) first. pytest-xdist hands
+    the first tests out round-robin, so they start at once on different workers and the many
+    short ones fill in around them, instead of one worker finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def rng() -> Rng:
     """A deterministic random source: tests are reproducible, and never use the system CSPRNG."""

@@ -139,14 +139,15 @@ class RelayConfig:
 def send_digest(envelopes: Sequence[Envelope]) -> bytes:
     """SHA-256 of the envelope set in canonical order: a resend must carry the same bytes.
     Every field is length-prefixed, so no two different sets hash the same input."""
-    digest = hashlib.sha256()
+    parts: list[bytes] = []
     for user, device, ciphertext in sorted(
         (e.username, e.device_id, e.ciphertext) for e in envelopes
     ):
         for field in (user.encode(), device.encode(), ciphertext):
-            digest.update(len(field).to_bytes(4, "big"))
-            digest.update(field)
-    return digest.digest()
+            parts.append(len(field).to_bytes(4, "big"))
+            parts.append(field)
+    # One update over the joined input: the same digest, a fraction of the calls.
+    return hashlib.sha256(b"".join(parts)).digest()
 
 
 def token_digest(token: bytes) -> bytes:

@@ -23,6 +23,7 @@ Rules of this file:
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,17 @@ _DELETE_ITEMS: Final = (
 )
 
 
+_SQLITE_EXISTING: Final = (
+    "SELECT sender_device_pk, message_id, digest, created_at FROM messages WHERE message_id IN ({})"
+)
+_SQLITE_DELETE_OWNED: Final = "DELETE FROM queue_items WHERE device_pk = ? AND seq IN ({})"
+
+
+def _marks(count: int) -> str:
+    """`count` positional parameter marks for an IN list."""
+    return ", ".join("?" * count)
+
+
 def _chunks(values: Sequence[int], size: int = _CHUNK) -> Iterable[Sequence[int]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
@@ -154,10 +166,17 @@ def _read_view(conn: Connection, sends: Sequence[SendRequest]) -> _BatchView:
     stored: dict[tuple[int, bytes], tuple[bytes, int]] = {}
     wanted = {(s.sender.pk, s.message_id) for s in sends}
     ids = sorted({s.message_id for s in sends})
+    sqlite = conn.dialect.name == "sqlite"
     for start in range(0, len(ids), _CHUNK):
-        for sender_pk, message_id, digest, created in conn.execute(
-            _EXISTING, {"ids": ids[start : start + _CHUNK]}
-        ):
+        id_chunk = ids[start : start + _CHUNK]
+        # On SQLite through the driver: SQLAlchemy's per-value bind processing of the ids costs
+        # more than the index probes.
+        rows = (
+            conn.exec_driver_sql(_SQLITE_EXISTING.format(_marks(len(id_chunk))), tuple(id_chunk))
+            if sqlite
+            else conn.execute(_EXISTING, {"ids": id_chunk})
+        )
+        for sender_pk, message_id, digest, created in rows:
             key = (sender_pk, bytes(message_id))
             if key in wanted:
                 stored[key] = (bytes(digest), int(created))
@@ -282,7 +301,21 @@ def _store_sends(
             outcomes.append(verdict)
             continue
         _, rows, routing = next(plans)
-        items = tuple(dataclasses.replace(row, seq=int(next(seqs))) for row in rows)
+        # Built field by field: `dataclasses.replace` costs several times a plain constructor.
+        items = tuple(
+            QueuedItem(
+                row.device_pk,
+                int(next(seqs)),
+                row.kind,
+                row.message_id,
+                row.time_ms,
+                row.peer_user,
+                row.peer_device,
+                row.ciphertext,
+                row.flags,
+            )
+            for row in rows
+        )
         outcomes.append(
             SendAccepted(
                 time_ms=now_ms,
@@ -382,27 +415,59 @@ _SQLITE_INSERT_ITEMS: Final = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SQLITE_LAST_SEQ: Final = "SELECT seq FROM sqlite_sequence WHERE name = 'queue_items'"
-_SQLITE_NEW_SEQS: Final = "SELECT seq FROM queue_items WHERE seq > ? ORDER BY seq"
 
 
 def _insert_sqlite(
     conn: Connection, messages_rows: list[tuple[object, ...]], item_rows: list[tuple[object, ...]]
 ) -> list[int]:
-    """SQLite's hot path through the driver's executemany: SQLAlchemy cannot batch an INSERT
-    with ordered RETURNING on SQLite (it falls back to one statement per row) and its per-value
-    bind processing costs more than SQLite's own work. The seqs are read back instead: this
-    transaction holds SQLite's only write lock, and AUTOINCREMENT gives rows inserted one after
-    another increasing seqs above every seq ever used, so the new rows are exactly those above
-    the sequence's value before the insert, in insertion order."""
-    conn.exec_driver_sql(_SQLITE_INSERT_MESSAGES, messages_rows)
+    """SQLite's hot path through the driver: SQLAlchemy cannot batch an INSERT with ordered
+    RETURNING on SQLite (it falls back to one statement per row) and its per-value bind
+    processing costs more than SQLite's own work. Rows go in as multi-row INSERTs, not
+    executemany: every statement step releases and retakes the GIL, which costs a context switch
+    while the reactor thread is busy, so one step per chunk instead of one per row.
+
+    The seqs are not read back row by row: this transaction holds SQLite's only write lock, and
+    AUTOINCREMENT gives the rows of an INSERT, in VALUES order, increasing seqs above every seq
+    ever used (recorded in sqlite_sequence). So if the sequence moved from `before` to exactly
+    `before + n` for n inserted rows, the new seqs are `before + 1 .. before + n` in row order."""
+    for chunk in _row_chunks(messages_rows, _rows_per_insert(conn, 4)):
+        conn.exec_driver_sql(_multi_insert(_SQLITE_INSERT_MESSAGES, 4, len(chunk)), _flat(chunk))
     if not item_rows:  # every envelope held, no notice: only the message id is stored
         return []
-    before = conn.exec_driver_sql(_SQLITE_LAST_SEQ).scalar() or 0
-    conn.exec_driver_sql(_SQLITE_INSERT_ITEMS, item_rows)
-    seqs = [int(seq) for seq in conn.exec_driver_sql(_SQLITE_NEW_SEQS, (before,)).scalars()]
-    if len(seqs) != len(item_rows):  # would mean another writer inside our transaction
+    before = int(conn.exec_driver_sql(_SQLITE_LAST_SEQ).scalar() or 0)
+    for chunk in _row_chunks(item_rows, _rows_per_insert(conn, 11)):
+        conn.exec_driver_sql(_multi_insert(_SQLITE_INSERT_ITEMS, 11, len(chunk)), _flat(chunk))
+    after = int(conn.exec_driver_sql(_SQLITE_LAST_SEQ).scalar() or 0)
+    if after - before != len(item_rows):  # would mean another writer inside our transaction
         raise RuntimeError("queue seqs are not the rows this transaction inserted")
-    return seqs
+    return list(range(before + 1, after + 1))
+
+
+_SQLITE_ROWS_PER_INSERT: Final = 500
+
+
+def _rows_per_insert(conn: Connection, columns: int) -> int:
+    """Rows per multi-row INSERT: at most 500, and within this SQLite's limit on bound values
+    (999 before SQLite 3.32)."""
+    driver = conn.connection.driver_connection
+    limit = driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if driver is not None else 999
+    return max(1, min(_SQLITE_ROWS_PER_INSERT, limit // columns))
+
+
+def _multi_insert(single: str, columns: int, rows: int) -> str:
+    """`single` (an INSERT of one row of `columns` values) extended to `rows` rows."""
+    head, _, _ = single.partition(" VALUES ")
+    row = "(" + ", ".join("?" * columns) + ")"
+    return head + " VALUES " + ", ".join([row] * rows)
+
+
+def _row_chunks(rows: list[tuple[object, ...]], size: int) -> Iterable[list[tuple[object, ...]]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _flat(rows: list[tuple[object, ...]]) -> tuple[object, ...]:
+    return tuple(value for row in rows for value in row)
 
 
 def _adjust(conn: Connection, deltas: Counter[int]) -> None:
@@ -420,6 +485,24 @@ def _adjust(conn: Connection, deltas: Counter[int]) -> None:
 def _delete_acked(conn: Connection, acks: Sequence[tuple[int, tuple[int, ...]]]) -> None:
     """Delete acknowledged items, each only if the acknowledging device owns it."""
     requested = {(device_pk, seq) for device_pk, seqs in acks for seq in seqs}
+    deltas: Counter[int] = Counter()
+    if conn.dialect.name == "sqlite":
+        # Through the driver (see `_insert_sqlite`), one DELETE per device whose row count is
+        # that device's change: one statement step each instead of one per row read or
+        # returned (every step releases and retakes the GIL, a context switch when the reactor
+        # thread is busy).
+        per_device: dict[int, set[int]] = {}
+        for device_pk, seq in requested:
+            per_device.setdefault(device_pk, set()).add(seq)
+        for device_pk, seqs in sorted(per_device.items()):
+            for chunk in _chunks(sorted(seqs)):
+                deleted = conn.exec_driver_sql(
+                    _SQLITE_DELETE_OWNED.format(_marks(len(chunk))), (device_pk, *chunk)
+                ).rowcount
+                if deleted:
+                    deltas[device_pk] -= deleted
+        _adjust(conn, deltas)
+        return
     all_seqs = sorted({seq for _, seq in requested})
     owned: list[int] = []
     for chunk in _chunks(all_seqs):
@@ -428,7 +511,6 @@ def _delete_acked(conn: Connection, acks: Sequence[tuple[int, tuple[int, ...]]])
             for seq, owner in conn.execute(_OWNERS, {"seqs": chunk})
             if (owner, seq) in requested
         )
-    deltas: Counter[int] = Counter()
     for chunk in _chunks(owned):
         for device_pk in conn.execute(_DELETE_ITEMS, {"seqs": chunk}).scalars():
             deltas[int(device_pk)] -= 1

@@ -5,7 +5,7 @@
       ├─ PasswordWorker      Argon2id, 2 at a time, on its own small pool
       ├─ RelayService        the relay core (group commit drains when it stops)
       ├─ BlobService         attachments and their expiry
-      ├─ ListenerService     the clients' port: /healthz, /v1/ws, /v1/enroll, /v1/link,
+      ├─ ListenerService     the clients' port: /healthz, /readyz, /v1/ws, /v1/enroll, /v1/link,
       │                      /v1/blobs (TLS when configured; link sessions in memory)
       └─ ListenerService     the metrics port (loopback by default)
 
@@ -54,6 +54,7 @@ from medrelay.server.enrollment import EnrollmentService
 from medrelay.server.hashing import PasswordWorker
 from medrelay.server.linking import LinkService
 from medrelay.server.metrics import RelayMetrics
+from medrelay.server.readiness import Readiness
 from medrelay.server.relay.service import RelayService
 from medrelay.server.relay.store import RelayStore
 from medrelay.server.revocation import RevocationWatcher
@@ -307,7 +308,11 @@ def make_service(
     # Link sessions live in memory only: a restart aborts the links in progress.
     linking = LinkService(database=database, store=store, clock=reactor, rng=rng)
     root = build_root(
-        websocket=websocket_resource(factory), enrollment=enrollment, blobs=blobs, linking=linking
+        websocket=websocket_resource(factory),
+        enrollment=enrollment,
+        blobs=blobs,
+        linking=linking,
+        readiness=Readiness(database=database, keys=keys, clock=reactor),
     )
     site = RelaySite(root, clock=reactor, body_limits=BodyLimits(blobs=config.blobs.max_size_bytes))
     web = ListenerService(client_endpoint(reactor, config.server), site, "clients")

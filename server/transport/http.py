@@ -36,6 +36,7 @@ from medrelay.protocol.errors import ErrorCode
 from medrelay.server.blobs import BlobService, parse_bearer
 from medrelay.server.enrollment import EnrollmentService
 from medrelay.server.linking import MAX_LINK_BODY, LinkService
+from medrelay.server.readiness import Readiness
 from medrelay.server.relay.errors import RelayError
 from medrelay.server.relay.store import DeviceRecord
 from medrelay.server.storage.errors import StorageError
@@ -128,7 +129,7 @@ def route_of(path: bytes) -> str:
         if len(parts) == 2 and parts[1].decode("ascii", "replace") in LINK_ACTIONS:
             return "/v1/link/{code}/" + parts[1].decode("ascii")
         return "(other)"
-    if route in (b"/v1/blobs", b"/v1/enroll", b"/v1/link", b"/v1/ws", b"/healthz", b""):
+    if route in (b"/v1/blobs", b"/v1/enroll", b"/v1/link", b"/v1/ws", b"/healthz", b"/readyz", b""):
         return route.decode("ascii") or "/"
     return "(other)"
 
@@ -402,6 +403,23 @@ class HealthPage(JsonResource):
         return json_answer(request, 200, {"status": "ok"})
 
 
+class ReadyPage(JsonResource):
+    """`/readyz`: 200 when the database, its schema and the clinic keys are usable now, else 503;
+    the body names each check (medrelay.server.readiness)."""
+
+    isLeaf = True  # noqa: N815 (twisted.web API)
+
+    def __init__(self, readiness: Readiness) -> None:
+        super().__init__()
+        self._readiness = readiness
+
+    def render_GET(self, request: WebRequest) -> int:  # noqa: N802 (twisted.web API)
+        def answer(report: dict[str, object]) -> tuple[int, bytes, bytes]:
+            return _json(200 if report["status"] == "ready" else 503, report)
+
+        return finish_later(request, self._readiness.check(), answer)
+
+
 class EnrollPage(JsonResource):
     """POST `/v1/enroll` (docs/protocol.md §10)."""
 
@@ -551,10 +569,14 @@ def build_root(
     enrollment: EnrollmentService,
     blobs: BlobService,
     linking: LinkService | None = None,
+    readiness: Readiness | None = None,
 ) -> Resource:
-    """The resource tree of the clients' port (`/v1/link` only with a `LinkService`)."""
+    """The resource tree of the clients' port (`/v1/link` only with a `LinkService`, `/readyz`
+    only with a `Readiness`)."""
     root = JsonResource()
     root.putChild(b"healthz", HealthPage())
+    if readiness is not None:
+        root.putChild(b"readyz", ReadyPage(readiness))
     v1 = JsonResource()
     root.putChild(b"v1", v1)
     v1.putChild(b"ws", WebSocketUpgrade(websocket))

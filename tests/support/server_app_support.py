@@ -31,6 +31,7 @@ from medrelay.server.config import Config, load_config
 from medrelay.server.enrollment import EnrollmentService
 from medrelay.server.hashing import PasswordWorker
 from medrelay.server.metrics import RelayMetrics
+from medrelay.server.readiness import Readiness
 from medrelay.server.relay.store import InMemoryRelayStore, RelayStore
 from medrelay.server.storage.database import Database, SynchronousRunner
 from medrelay.server.transport.http import BodyLimits, RelaySite, build_root
@@ -231,10 +232,16 @@ class HttpHarness:
         blobs: BlobService,
         clock: MemoryReactorClock,
         websocket: Resource | None = None,
+        readiness: Readiness | None = None,
     ) -> None:
         self.clock = clock
         stand_in: Resource = Resource()  # type: ignore[no-untyped-call]
-        root = build_root(websocket=websocket or stand_in, enrollment=enrollment, blobs=blobs)
+        root = build_root(
+            websocket=websocket or stand_in,
+            enrollment=enrollment,
+            blobs=blobs,
+            readiness=readiness,
+        )
         self.site = RelaySite(root, clock=clock, body_limits=BodyLimits(blobs=blobs.max_size_bytes))
 
     def connect(self) -> tuple[Any, Any]:

@@ -33,6 +33,7 @@ from medrelay.crypto.rng import seeded_rng
 from medrelay.protocol.errors import ErrorCode
 from medrelay.server.blobs import BlobService
 from medrelay.server.config import Config
+from medrelay.server.readiness import Readiness
 from medrelay.server.relay.service import token_digest
 from medrelay.server.storage.database import Database
 from medrelay.server.storage.relay_store import SqlRelayStore
@@ -65,7 +66,8 @@ def world(tmp_path: Path) -> Iterator[World]:
     clock = clock_at()
     store = SqlRelayStore(database)
     enrollment, blobs, _ = services(config, database, keys, store, clock=clock, rng=rng)
-    http = HttpHarness(enrollment=enrollment, blobs=blobs, clock=clock)
+    readiness = Readiness(database=database, keys=keys, clock=clock)
+    http = HttpHarness(enrollment=enrollment, blobs=blobs, clock=clock, readiness=readiness)
     account = new_account(database, "alice", rng)
     body, device = enrollment_body("alice", account.enrollment_code, rng)
     assert http.post_json("/v1/enroll", body).status == 200
@@ -247,6 +249,29 @@ def test_healthz(world: World) -> None:
     assert (response.status, response.json()) == (200, {"status": "ok"})
     assert response.headers["cache-control"] == "no-store"
     assert response.headers["server"] == "medrelay"
+
+
+def test_readyz_names_every_check_when_ready(world: World) -> None:
+    response = world.http.request("GET", "/readyz")
+    assert response.status == 200, response.body
+    assert response.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "migrations": "ok", "keys": "ok"},
+    }
+
+
+def test_readyz_is_503_with_the_reason_when_the_schema_or_keys_are_not_usable(
+    world: World,
+) -> None:
+    with world.database.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0001'")
+    world.clock.advance(20 * 365 * DAY_S)  # past the clinic keys' validity
+    response = world.http.request("GET", "/readyz")
+    assert response.status == 503
+    checks = response.json()["checks"]
+    assert checks["database"] == "ok"
+    assert checks["migrations"].startswith("schema at 0001, this relay needs ")
+    assert checks["keys"] == "the clinic issuing key certificate is not valid now"
 
 
 @pytest.mark.parametrize("path", ["/", "/v1", "/v2/enroll", "/metrics", "/v1/blobs/a/b"])

@@ -42,7 +42,7 @@ from medrelay.protocol.messages import (
     Visits,
 )
 from medrelay.server import audit
-from medrelay.server.availability.service import audited_change_txn
+from medrelay.server.availability.service import run_audited_change
 from medrelay.server.config import VisitsConfig
 from medrelay.server.metrics import RelayMetrics
 from medrelay.server.policy import (
@@ -340,9 +340,9 @@ class VisitService:
                 f"visit={message.visit}",
                 "closed",
             )
-        answer: Deferred[Message | RelayError] = self._database.run_interaction(
+        answer = run_audited_change(
+            self._database,
             message.TYPE,
-            audited_change_txn,
             change,
             device=device,
             action=action,
@@ -351,9 +351,7 @@ class VisitService:
             now=now,
         )
 
-        def done(result: Message | RelayError) -> Message:
-            if isinstance(result, RelayError):
-                raise result  # audited as refused, and committed
+        def done(result: Message) -> Message:
             # A repeated close answers the visit as it was closed earlier: not counted again.
             fresh = not isinstance(result, Visits) or all(
                 v.closed_ms in (None, now) for v in result.visits

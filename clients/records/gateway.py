@@ -258,12 +258,9 @@ class RecordsGateway:
             _log.info(
                 "record request refused: {check}", check=type(exc).__name__, row=message.row_id
             )
-            self.outbox.record_intake(
-                sender_user=message.sender_user,
-                sender_device=message.sender_device,
-                message_id=message.message_id,
-                row_id=message.row_id,
-                now_ms=now,
+            self._handled(
+                message,
+                now,
                 outcome="refused",
                 receipt=NewReceipt(
                     thread_id=fail_thread,
@@ -284,12 +281,9 @@ class RecordsGateway:
             if tries < MAX_INTAKE_TRIES:
                 return False
             self._intake_tries.pop(key, None)
-            self.outbox.record_intake(
-                sender_user=message.sender_user,
-                sender_device=message.sender_device,
-                message_id=message.message_id,
-                row_id=message.row_id,
-                now_ms=now,
+            self._handled(
+                message,
+                now,
                 outcome="gave up",
                 receipt=NewReceipt(
                     thread_id=fail_thread,
@@ -305,6 +299,29 @@ class RecordsGateway:
         self._intake_tries.pop(key, None)
         self._accept(message, accepted, now)
         return True
+
+    def _handled(
+        self,
+        message: ReceivedMessage,
+        now: int,
+        *,
+        outcome: str,
+        mirror: Mirror | None = None,
+        receipt: NewReceipt | None = None,
+        on_replay: Callable[[Mirror], NewReceipt | None] | None = None,
+    ) -> str:
+        """Record `message` as handled, with what it led to (`Outbox.record_intake`)."""
+        return self.outbox.record_intake(
+            sender_user=message.sender_user,
+            sender_device=message.sender_device,
+            message_id=message.message_id,
+            row_id=message.row_id,
+            now_ms=now,
+            outcome=outcome,
+            mirror=mirror,
+            receipt=receipt,
+            on_replay=on_replay,
+        )
 
     def _accept(self, message: ReceivedMessage, accepted: _Accepted, now: int) -> None:
         visit = accepted.record.visit
@@ -325,12 +342,9 @@ class RecordsGateway:
                 )
             )
         except MappingError as exc:
-            self.outbox.record_intake(
-                sender_user=message.sender_user,
-                sender_device=message.sender_device,
-                message_id=message.message_id,
-                row_id=message.row_id,
-                now_ms=now,
+            self._handled(
+                message,
+                now,
                 outcome="unmappable",
                 receipt=NewReceipt(
                     accepted.record.thread_id,
@@ -353,12 +367,9 @@ class RecordsGateway:
                 return None  # still pending: its receipt comes with the delivery
             return NewReceipt(existing.thread_id, existing.recipients, text, existing.mirror_id)
 
-        outcome = self.outbox.record_intake(
-            sender_user=message.sender_user,
-            sender_device=message.sender_device,
-            message_id=message.message_id,
-            row_id=message.row_id,
-            now_ms=now,
+        outcome = self._handled(
+            message,
+            now,
             outcome="accepted",
             mirror=Mirror(
                 mirror_id=mirror_id,

@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.web.client import Agent, readBody
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.internet.interfaces import IReactorTime
 
+from medrelay.clients.engine.errors import ClientError
+from medrelay.clients.engine.http import AgentHttpClient, HttpClient
 from medrelay.clients.records.fhir_mapping import FHIR_JSON
 
 _RECORD_ID: Final = re.compile(r"[A-Za-z]{1,64}/[A-Za-z0-9.-]{1,64}")
@@ -101,28 +99,6 @@ def write_atomically(target: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """A request body held in memory (FileBodyProducer would use the global cooperator)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:  # noqa: N802 (Twisted API)
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:  # noqa: N802 (Twisted API)
-        pass
-
-    def resumeProducing(self) -> None:  # noqa: N802 (Twisted API)
-        pass
-
-    def stopProducing(self) -> None:  # noqa: N802 (Twisted API)
-        pass
-
-
 class FhirSink:
     """POST the transaction to the FHIR base URL; the record ids come from the
     transaction-response's `entry.response.location` (`Type/id[/_history/v]`)."""
@@ -137,45 +113,35 @@ class FhirSink:
         *,
         authorization: str | None = None,
         timeout_s: float = 60.0,
-        connect_timeout_s: float = 10.0,
+        http: HttpClient | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError("the FHIR base URL must start with http:// or https://")
         self.base_url = base_url.rstrip("/")
-        self._agent = Agent(reactor, connectTimeout=connect_timeout_s)  # type: ignore[no-untyped-call]
-        self._clock = clock
+        # The engine's client: timeouts, and an answer bounded before it is buffered.
+        self._http = http or AgentHttpClient(reactor, clock, timeout_s=timeout_s)
         self._authorization = authorization
-        self._timeout_s = timeout_s
 
     def deliver(self, mirror_id: str, bundle: bytes) -> Deferred[list[str]]:
         return Deferred.fromCoroutine(self._deliver(bundle))
 
     async def _deliver(self, bundle: bytes) -> list[str]:
-        headers = Headers(
-            {
-                b"Content-Type": [FHIR_JSON.encode()],
-                b"Accept": [FHIR_JSON.encode()],
-            }
-        )
+        headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
         if self._authorization:
-            headers.addRawHeader(b"Authorization", self._authorization.encode("latin-1"))
-        request = self._agent.request(
-            b"POST",
-            (self.base_url + "/").encode("ascii"),
-            headers,
-            _BytesProducer(bundle),
-        )
-        request.addTimeout(self._timeout_s, self._clock)
+            headers["Authorization"] = self._authorization
         try:
-            response: IResponse = await request
-            reading = readBody(response)
-            reading.addTimeout(self._timeout_s, self._clock)
-            body = await reading
-        except Exception as exc:
+            response = await self._http.request(
+                "POST",
+                self.base_url + "/",
+                headers=headers,
+                body=bundle,
+                max_response_bytes=MAX_RESPONSE_BYTES,
+            )
+        except ClientError as exc:
             raise DeliveryError(
-                f"the FHIR server did not answer ({type(exc).__name__})", permanent=False
+                f"the FHIR server did not answer ({exc.code.value})", permanent=False
             ) from None
-        return parse_transaction_response(response.code, body)
+        return parse_transaction_response(response.status, response.body)
 
 
 def _outcome_reason(body: Any) -> str | None:

@@ -380,6 +380,38 @@ def audited_change_txn(
     return refusal
 
 
+def run_audited_change(
+    database: Database,
+    desc: str,
+    change: Callable[[Connection], Message],
+    *,
+    device: DeviceRecord,
+    action: audit.AuditAction,
+    target: str,
+    detail: str,
+    now: int,
+) -> Deferred[Message]:
+    """`audited_change_txn` in its own transaction: the answer, or the refusal raised once the
+    transaction that audited it has committed."""
+    answer: Deferred[Message | RelayError] = database.run_interaction(
+        desc,
+        audited_change_txn,
+        change,
+        device=device,
+        action=action,
+        target=target,
+        detail=detail,
+        now=now,
+    )
+
+    def settled(result: Message | RelayError) -> Message:
+        if isinstance(result, RelayError):
+            raise result  # audited as refused, and committed
+        return result
+
+    return answer.addCallback(settled)
+
+
 AvailabilityRequest = AvailabilityGet | ScheduleSet | RosterAdd | RosterRemove | RosterGet
 
 
@@ -436,9 +468,9 @@ class AvailabilityService:
             return self._database.run_interaction(
                 "roster_get", roster_get_txn, device, message, now
             )
-        answer: Deferred[Message | RelayError] = self._database.run_interaction(
+        answer = run_audited_change(
+            self._database,
             message.TYPE,
-            audited_change_txn,
             change,
             device=device,
             action=action,
@@ -447,9 +479,7 @@ class AvailabilityService:
             now=now,
         )
 
-        def changed(result: Message | RelayError) -> Message:
-            if isinstance(result, RelayError):
-                raise result  # audited as refused, and committed
+        def changed(result: Message) -> Message:
             self._changed()
             return result
 

@@ -7,9 +7,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from clinic_log import ClinicLog
+import record_world
+from record_world import (
+    CLINIC,
+    DOCTOR,
+    MINUTE,
+    PATIENT,
+    T0,
+    attachment,
+)
 from twisted.internet.defer import Deferred, fail, succeed
 
 from medrelay.clients.engine.record_messages import (
@@ -27,123 +35,23 @@ from medrelay.clients.records.api import (
     VisitLookup,
 )
 from medrelay.crypto.attachments import AttachmentDescriptor
-from medrelay.crypto.certificates import (
-    Role,
-    UserCertificate,
-    issue_device_certificate,
-    issue_user_certificate,
-    verify_device,
-)
-from medrelay.crypto.checkpoint import Checkpoint, sign_checkpoint
 from medrelay.crypto.content import (
-    KIND_TEXT,
-    Content,
     SignedContent,
-    canonical_recipients,
-    content_hash,
-    new_message_id,
-    new_thread_id,
-    sign_content,
 )
-from medrelay.crypto.identity import DeviceKeys
-from medrelay.crypto.keys import DHPrivateKey, SigningKey, VerifyKey
-from medrelay.crypto.merkle import MerkleTree, leaf_hash
-from medrelay.crypto.records import RecordBundle, RecordVisit, build_record_bundle
+from medrelay.crypto.keys import VerifyKey
+from medrelay.crypto.records import RecordBundle, RecordVisit
 from medrelay.crypto.rng import Rng
-from medrelay.crypto.transparency import EventKind, LogEvent, issue_revocation, log_origin
 
-CLINIC = "clinic-a"
-DOCTOR = "dr.ivanova"
-PATIENT = "petrov"
-NURSE = "nurse.orlova"
 RECORDS = "records"
-T0 = 1_800_000_000_000
-MINUTE = 60_000
-YEAR = 365 * 24 * 3600 * 1000
-REVOKED_AT = T0 + 30 * MINUTE
 VISIT_ID = "V-2027-000123"
-SECRET_TEXT = "Blood pressure 150/95 since Monday"
+"""The visit id of `World.visit`."""
 INDICATIONS = {"I10": "Hypertension follow-up"}
 
 
 @dataclass
-class World(ClinicLog):
-    clinic_id: str = CLINIC
-    t0: int = T0
-    keys_from: int = T0 - YEAR
-    devices: dict[tuple[str, str], DeviceKeys] = field(default_factory=dict)
-    user_certs: dict[str, UserCertificate] = field(default_factory=dict)
-    last_hash: dict[str, bytes] = field(default_factory=dict)
-    thread_id: bytes = b""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.enroll(DOCTOR, Role.DOCTOR, "phone", "laptop")
-        self.enroll(PATIENT, Role.PATIENT, "phone")
-        self.enroll(NURSE, Role.NURSE, "tablet")
-        revocation = issue_revocation(
-            self.issuing, user_id=DOCTOR, device_id="laptop", revoked_at_ms=REVOKED_AT
-        )
-        self.append(EventKind.DEVICE_REVOKED, DOCTOR, revocation.encode())
-        self.thread_id = new_thread_id(self.rng)
-
-    def enroll(self, user_id: str, role: Role, *device_ids: str) -> None:
-        identity = SigningKey.generate(self.rng)
-        user_cert = issue_user_certificate(
-            self.issuing,
-            user_id=user_id,
-            role=role,
-            display_name=user_id,
-            identity_key=identity.verify_key,
-            not_before_ms=T0 - YEAR,
-            not_after_ms=T0 + YEAR,
-            serial=len(self.user_certs),
-        )
-        self.user_certs[user_id] = user_cert
-        self.append(EventKind.USER_CERTIFIED, user_id, user_cert.encode())
-        for device_id in device_ids:
-            signing, dh = SigningKey.generate(self.rng), DHPrivateKey.generate(self.rng)
-            device_cert = issue_device_certificate(
-                identity,
-                user_id=user_id,
-                device_id=device_id,
-                signing_key=signing.verify_key,
-                dh_key=dh.public_key,
-                created_at_ms=T0,
-            )
-            self.append(EventKind.DEVICE_ADDED, user_id, device_cert.encode())
-            self.devices[user_id, device_id] = DeviceKeys(
-                verify_device(user_cert, device_cert), signing, dh
-            )
-
-    def send(
-        self,
-        user_id: str,
-        to: str,
-        minute: int,
-        *,
-        device_id: str = "phone",
-        attachments: tuple[AttachmentDescriptor, ...] = (),
-        **changes: object,
-    ) -> SignedContent:
-        device = self.devices[user_id, device_id]
-        content = Content(
-            thread_id=self.thread_id,
-            message_id=new_message_id(self.rng),
-            sender_user_id=user_id,
-            sender_device_id=device_id,
-            sender_certificate_hash=device.identity.certificate_hash,
-            recipients=canonical_recipients([to]),
-            sent_at_ms=T0 + minute * MINUTE,
-            previous_hash=self.last_hash.get(user_id),
-            log_view=None,
-            kind=KIND_TEXT,
-            text=f"{SECRET_TEXT} (minute {minute})",
-            attachments=attachments,
-        )
-        content = dataclasses.replace(content, **changes)  # type: ignore[arg-type]
-        self.last_hash[user_id] = content_hash(content)
-        return sign_content(content, device)
+class World(record_world.World):
+    """The crypto tests' clinic, plus a visit's exchange with a conclusion and the server's view
+    of the visit."""
 
     def exchange(self) -> list[SignedContent]:
         """Patient, doctor (a reply), patient (with an attachment), doctor's conclusion."""
@@ -151,62 +59,24 @@ class World(ClinicLog):
         return [
             first,
             self.send(DOCTOR, PATIENT, 2, reply_to=first.content.message_id),
-            self.send(PATIENT, DOCTOR, 3, attachments=(self.attachment(),)),
+            self.send(PATIENT, DOCTOR, 3, attachments=(attachment(self.rng),)),
             self.send(DOCTOR, PATIENT, 4, kind=KIND_CONCLUSION, text="Continue amlodipine 5 mg"),
         ]
 
-    def attachment(self) -> AttachmentDescriptor:
-        return AttachmentDescriptor(
-            blob_id="blob-" + self.rng(8).hex(),
-            key=self.rng(32),
-            header=self.rng(24),
-            size=48_213,
-            media_type="application/pdf",
-            file_name="ecg.pdf",
-            plaintext_sha256=self.rng(32),
-            ciphertext_sha256=self.rng(32),
-        )
-
-    def checkpoint_note(self) -> str:
-        tree = MerkleTree.from_leaf_hashes(leaf_hash(leaf) for leaf in self.leaves)
-        checkpoint = Checkpoint(log_origin(CLINIC), tree.size, tree.root())
-        return sign_checkpoint(checkpoint, log_origin(CLINIC), self.log)
-
-    def evidence(self, *users: str) -> dict[str, list[tuple[int, LogEvent | bytes, list[bytes]]]]:
-        tree = MerkleTree.from_leaf_hashes(leaf_hash(leaf) for leaf in self.leaves)
-        out: dict[str, list[tuple[int, LogEvent | bytes, list[bytes]]]] = {}
-        for index, leaf in enumerate(self.leaves):
-            event = LogEvent.decode(leaf)
-            if event.subject in users:
-                out.setdefault(event.subject, []).append(
-                    (index, event, list(tree.inclusion_proof(index)))
-                )
-        return out
-
-    def visit(self, messages: Sequence[SignedContent], **changes: object) -> RecordVisit:
-        conclusion = [m for m in messages if m.content.kind == KIND_CONCLUSION]
-        visit = RecordVisit(
-            visit_id=VISIT_ID,
-            indication_code="I10",
-            opened_ms=T0,
-            closed_ms=T0 + 120 * MINUTE,
-            patient=PATIENT,
-            clinician=DOCTOR,
-            conclusion_message_id=conclusion[-1].content.message_id if conclusion else None,
-        )
-        return dataclasses.replace(visit, **changes)  # type: ignore[arg-type]
-
     def bundle(
-        self, messages: Sequence[SignedContent], *, visit: RecordVisit | None = None
+        self,
+        messages: Sequence[SignedContent],
+        *,
+        visit: RecordVisit | None = None,
+        users: Sequence[str] = (DOCTOR, PATIENT),
     ) -> RecordBundle:
-        return build_record_bundle(
-            visit=visit or self.visit(messages),
-            thread_id=self.thread_id,
-            checkpoint_note=self.checkpoint_note(),
-            clinic_keys=self.certificates,
-            evidence=self.evidence(DOCTOR, PATIENT),
-            messages=messages,
-        )
+        """A bundle whose visit (unless given) names the last conclusion among `messages`."""
+        if visit is None:
+            conclusions = [m for m in messages if m.content.kind == KIND_CONCLUSION]
+            visit = self.visit(
+                conclusion_message_id=conclusions[-1].content.message_id if conclusions else None
+            )
+        return super().bundle(messages, visit=visit, users=users)
 
     def server_visit(self, bundle: RecordBundle, **changes: object) -> ServerVisit:
         visit = bundle.visit

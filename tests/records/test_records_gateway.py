@@ -10,14 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
+from record_world import DOCTOR, MINUTE, NURSE, PATIENT, REVOKED_AT, SECRET_TEXT, T0
 from records_world import (
-    DOCTOR,
-    MINUTE,
-    NURSE,
-    PATIENT,
-    REVOKED_AT,
-    SECRET_TEXT,
-    T0,
     VISIT_ID,
     FakeEngine,
     World,

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 from fhir.resources.R4B.bundle import Bundle
-from records_world import CLINIC, DOCTOR, PATIENT, RECORDS, SECRET_TEXT, T0, World
+from record_world import CLINIC, DOCTOR, PATIENT, SECRET_TEXT, T0
+from records_world import RECORDS, World
 
 from medrelay.clients.records.fhir_mapping import (
     ATTACHMENT_SHA256_URL,

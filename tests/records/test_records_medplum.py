@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from fhir_server import FhirServer, Unavailable, free_port
-from records_world import CLINIC, T0, VISIT_ID, FakeEngine, World
+from record_world import CLINIC, T0
+from records_world import VISIT_ID, FakeEngine, World
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
